@@ -1,0 +1,111 @@
+"""The classification path: encoded images -> decode -> batch -> logits -> top-k probabilities.
+
+No gRPC in here: the Classify servicer resolves the model, calls `Classifier.classify()` and
+encodes the answer. Decoding runs in a thread pool (Pillow releases the GIL for most of it),
+so the event loop keeps serving while images are decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.images import decode_image
+
+if TYPE_CHECKING:
+    from service.models import LoadedModel
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class ScoredClass:
+    """One class of one image: its label, index and softmax probability."""
+
+    label: str
+    index: int
+    score: float
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, computed in float64 for stability."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[list[ScoredClass]]:
+    """The k best classes of each row, highest first (ties: lower index first)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [
+        [ScoredClass(labels[i], int(i), float(probabilities[row, i])) for i in order[row]]
+        for row in range(probabilities.shape[0])
+    ]
+
+
+class Classifier:
+    """Classifies encoded images with a loaded model, within the server's limits."""
+
+    def __init__(
+        self,
+        decode_executor: Executor,
+        *,
+        max_image_bytes: int,
+        max_image_pixels: int,
+        max_top_k: int,
+    ) -> None:
+        self._executor = decode_executor
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.max_top_k = max_top_k
+
+    def effective_top_k(self, requested: int, classes: int) -> int:
+        """0 means DEFAULT_TOP_K; above max_top_k is refused; capped at the class count."""
+        if requested > self.max_top_k:
+            raise InvalidInput(f"top_k must be at most {self.max_top_k}, got {requested}")
+        return min(requested or DEFAULT_TOP_K, classes)
+
+    async def decode(self, model: LoadedModel, images: Sequence[bytes]) -> np.ndarray:
+        """Decodes every image in the thread pool; uint8 [N, C, H, W] in request order."""
+        if not images:
+            raise InvalidInput("the request holds no images; send at least one")
+        loop = asyncio.get_running_loop()
+        rows = await asyncio.gather(
+            *(loop.run_in_executor(self._executor, self._decode_one, model, i, data)
+              for i, data in enumerate(images))
+        )  # fmt: skip
+        return np.stack(rows)
+
+    def _decode_one(self, model: LoadedModel, position: int, data: bytes) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            row = decode_image(
+                data,
+                model.spec.preprocessing,
+                max_bytes=self.max_image_bytes,
+                max_pixels=self.max_image_pixels,
+            )
+        except InvalidInput as error:
+            raise InvalidInput(f"image {position}: {error}") from None
+        model.metrics.image_decode.observe(time.perf_counter() - started)
+        return row
+
+    async def classify(
+        self,
+        model: LoadedModel,
+        images: Sequence[bytes],
+        top_k_requested: int,
+        deadline: float | None = None,
+    ) -> list[list[ScoredClass]]:
+        """The top-k classes of each image, in request order."""
+        k = self.effective_top_k(top_k_requested, len(model.spec.labels))
+        batch = await self.decode(model, images)
+        logits = await model.batcher.infer(batch, deadline)
+        return top_k(softmax(logits), k, model.spec.labels)

@@ -1,0 +1,222 @@
+"""Protobuf <-> numpy for the KServe V2 and Classify messages. Pure: no gRPC, no I/O.
+
+Checks every request against the model's signature and says what was expected; builds
+responses with raw output contents, and the classification extension's
+`"<score>:<index>:<label>"` BYTES tensors (Triton's format, score = the raw output value).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service._proto import classification_pb2 as cls_pb2
+from service._proto import grpc_service_pb2 as pb2
+from service.classify import ScoredClass
+from service.errors import InvalidInput
+from service.repository import ModelSpec
+
+PLATFORM = "onnxruntime_onnx"
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(kind)
+    for name, kind in {
+        "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
+        "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32",
+        "INT64": "int64", "FP16": "float16", "FP32": "float32", "FP64": "float64",
+    }.items()
+}  # fmt: skip
+DATATYPES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+CONTENTS_FIELDS = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+    "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+CLASSIFICATION = "classification"
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output to return; `classification` = k asks for the top-k BYTES form."""
+
+    name: str
+    classification: int | None = None
+
+
+def input_shape(spec: ModelSpec) -> list[int]:
+    return [-1, *spec.input_shape]
+
+
+def output_shape(spec: ModelSpec) -> list[int]:
+    return [-1, len(spec.labels)]
+
+
+def _describe(spec: ModelSpec) -> str:
+    shape = ", ".join(map(str, input_shape(spec)))
+    return f"model {spec.name} expects one input: {spec.preprocessing.input_name} UINT8 [{shape}]"
+
+
+def decode_input(request: pb2.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
+    """The request's one input as uint8 [N, C, H, W], checked against the model."""
+    if len(request.inputs) != 1:
+        raise InvalidInput(f"the request has {len(request.inputs)} inputs; {_describe(spec)}")
+    tensor = request.inputs[0]
+    if tensor.name != spec.preprocessing.input_name:
+        raise InvalidInput(f"unknown input {tensor.name!r}; {_describe(spec)}")
+    if tensor.datatype != "UINT8":
+        raise InvalidInput(
+            f"input {tensor.name} has datatype {tensor.datatype or '(none)'}; {_describe(spec)}"
+        )
+    shape = list(tensor.shape)
+    expected = input_shape(spec)
+    if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] < 1:
+        raise InvalidInput(f"input {tensor.name} has shape {shape}; {_describe(spec)} (N >= 1)")
+    count = int(np.prod(shape))
+    has_contents = tensor.HasField("contents") and len(tensor.contents.uint_contents) > 0
+    if request.raw_input_contents:
+        if has_contents:
+            raise InvalidInput("use either raw_input_contents or contents, not both")
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries; "
+                "expected one per input (1)"
+            )
+        raw = request.raw_input_contents[0]
+        if len(raw) != count:
+            raise InvalidInput(
+                f"input {tensor.name}: raw contents are {len(raw)} bytes; shape {shape} of UINT8 "
+                f"needs {count} bytes"
+            )
+        return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    values = tensor.contents.uint_contents
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {tensor.name}: contents.uint_contents has {len(values)} elements; "
+            f"shape {shape} needs {count}"
+        )
+    wide = np.asarray(values, dtype=np.uint32)
+    if wide.max(initial=0) > 255:
+        raise InvalidInput(f"input {tensor.name}: UINT8 elements must be 0..255, got {wide.max()}")
+    return wide.astype(np.uint8).reshape(shape)
+
+
+def _int_parameter(parameter: pb2.InferParameter, what: str) -> int:
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(parameter, kind))
+    if kind == "string_param" and parameter.string_param.strip().isdigit():
+        return int(parameter.string_param)
+    raise InvalidInput(f"parameter {what} must be an integer, got {kind or 'no value'}")
+
+
+def requested_outputs(
+    request: pb2.ModelInferRequest, spec: ModelSpec, max_top_k: int
+) -> list[RequestedOutput]:
+    """The outputs to return (all of them when none are named), validated."""
+    output_name = spec.preprocessing.output_name
+    if not request.outputs:
+        return [RequestedOutput(output_name)]
+    outputs = []
+    for output in request.outputs:
+        if output.name != output_name:
+            raise InvalidInput(
+                f"unknown output {output.name!r}; model {spec.name} has one output: {output_name}"
+            )
+        k = None
+        if CLASSIFICATION in output.parameters:
+            k = _int_parameter(output.parameters[CLASSIFICATION], CLASSIFICATION)
+            if not 1 <= k <= max_top_k:
+                raise InvalidInput(f"parameter classification must be in 1..{max_top_k}, got {k}")
+        outputs.append(RequestedOutput(output.name, k))
+    return outputs
+
+
+def request_timeout_s(request: pb2.ModelInferRequest) -> float | None:
+    """Triton's optional `timeout` request parameter (µs) in seconds; None when absent."""
+    if "timeout" not in request.parameters:
+        return None
+    timeout_us = _int_parameter(request.parameters["timeout"], "timeout")
+    return timeout_us / 1e6 if timeout_us > 0 else None
+
+
+def serialize_bytes(elements: Sequence[bytes]) -> bytes:
+    """BYTES raw layout: each element prefixed by its length as 4-byte little-endian."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def deserialize_bytes(raw: bytes) -> list[bytes]:
+    """The inverse of serialize_bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        (length,) = struct.unpack_from("<I", raw, offset)
+        elements.append(raw[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return elements
+
+
+def classification_strings(values: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
+    """Top-k of each row as `score:index:label`, best first, row-major ([N, k] flattened)."""
+    k = min(k, values.shape[1])
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return [
+        f"{values[row, index]:f}:{index}:{labels[index]}".encode()
+        for row in range(values.shape[0])
+        for index in order[row]
+    ]
+
+
+def encode_infer_response(
+    request: pb2.ModelInferRequest,
+    spec: ModelSpec,
+    outputs: Sequence[RequestedOutput],
+    values: np.ndarray,
+) -> pb2.ModelInferResponse:
+    """The response with every output in raw_output_contents, in the requested order."""
+    response = pb2.ModelInferResponse(
+        model_name=spec.name, model_version=str(spec.version), id=request.id
+    )
+    for output in outputs:
+        tensor = response.outputs.add(name=output.name)
+        if output.classification is None:
+            tensor.datatype = DATATYPES[values.dtype]
+            tensor.shape.extend(values.shape)
+            response.raw_output_contents.append(np.ascontiguousarray(values).tobytes())
+        else:
+            k = min(output.classification, values.shape[1])
+            strings = classification_strings(values, k, spec.labels)
+            tensor.datatype = "BYTES"
+            tensor.shape.extend([values.shape[0], k])
+            response.raw_output_contents.append(serialize_bytes(strings))
+    return response
+
+
+def model_metadata(spec: ModelSpec) -> pb2.ModelMetadataResponse:
+    """KServe model metadata: versions, platform, input and output tensors."""
+    tensor = pb2.ModelMetadataResponse.TensorMetadata
+    return pb2.ModelMetadataResponse(
+        name=spec.name,
+        versions=[str(spec.version)],
+        platform=PLATFORM,
+        inputs=[
+            tensor(name=spec.preprocessing.input_name, datatype="UINT8", shape=input_shape(spec))
+        ],
+        outputs=[
+            tensor(name=spec.preprocessing.output_name, datatype="FP32", shape=output_shape(spec))
+        ],
+    )
+
+
+def classify_response(
+    spec: ModelSpec, results: Sequence[Sequence[ScoredClass]]
+) -> cls_pb2.ClassifyResponse:
+    """The Classify answer: one Classification per image, classes best first."""
+    response = cls_pb2.ClassifyResponse(model_name=spec.name, model_version=str(spec.version))
+    for classes in results:
+        entry = response.results.add()
+        for scored in classes:
+            entry.classes.add(label=scored.label, index=scored.index, score=scored.score)
+    return response

@@ -1,0 +1,50 @@
+"""The service's domain errors.
+
+Plain exceptions, free of gRPC: the batcher, the runtime and the converters raise them, and
+`service.status` maps them to gRPC status codes in one place. Every message is meant for the
+client: it names the problem and, where there is one, what was expected.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of every error the service answers with its own message."""
+
+
+class InvalidInput(ServiceError):
+    """The request is malformed: bad shape, datatype, image, parameter (INVALID_ARGUMENT)."""
+
+
+class ModelNotFound(ServiceError):
+    """The model or version is unknown, or failed to load (NOT_FOUND)."""
+
+
+class ModelNotReady(ServiceError):
+    """The model exists but is still loading, or the server is draining (UNAVAILABLE)."""
+
+
+class Overloaded(ServiceError):
+    """The model's batch queue is full (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before it was computed (DEADLINE_EXCEEDED)."""
+
+
+class NotImplementedRpc(ServiceError):
+    """The RPC is part of the protocol but not implemented by this server (UNIMPLEMENTED)."""
+
+
+class InternalError(ServiceError):
+    """A failure inside the server, already logged with its traceback (INTERNAL). Clients get a
+    generic message: the text here is for the log only."""
+
+
+class ModelLoadError(Exception):
+    """A model version could not be loaded; the message says why. Never sent as is to clients:
+    the model manager records it and answers ModelNotFound with the reason."""
+
+
+class ConfigurationError(Exception):
+    """A setting has an invalid value; the message names the allowed values."""

@@ -1,0 +1,181 @@
+"""Prometheus metrics, named exactly as in docs/metrics.md, on an injected registry.
+
+`Metrics(registry)` defines every series once; `Metrics.for_model(name, version)` gives the
+per-model view the batcher reports to (it implements `BatchObserver`). Tests build their own
+`CollectorRegistry` and read values with `registry.get_sample_value(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+INFERENCE_RPCS = ("ModelInfer", "Classify")
+
+
+class Metrics:
+    """Every convserve_* series, registered on one registry (plus process/platform/gc)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        model = ["model", "version"]
+        self.requests = Counter(
+            "convserve_requests_total",
+            "Inference requests answered, by final gRPC status.",
+            [*model, "rpc", "code"],
+            registry=registry,
+        )
+        self.images = Counter(
+            "convserve_images_total", "Items (images / batch rows) inferred.", model,
+            registry=registry,
+        )  # fmt: skip
+        self.request_latency = Histogram(
+            "convserve_request_latency_seconds",
+            "End-to-end latency of an inference RPC, receipt to reply.",
+            [*model, "rpc"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "convserve_queue_wait_seconds",
+            "Time a request waited in the batch queue before its batch started.",
+            model, buckets=LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.batch_compute = Histogram(
+            "convserve_batch_compute_seconds", "ONNX Runtime run time of one batch.",
+            model, buckets=LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.image_decode = Histogram(
+            "convserve_image_decode_seconds",
+            "Decode + convert + resize time of one image.",
+            ["model"], buckets=LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "convserve_batch_size", "Items per executed batch.", model,
+            buckets=BATCH_SIZE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "convserve_queue_depth", "Items waiting in the batch queue now.", model,
+            registry=registry,
+        )  # fmt: skip
+        self.queue_capacity = Gauge(
+            "convserve_queue_capacity", "The batch queue's bound, in items.", model,
+            registry=registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "convserve_requests_in_flight", "Requests accepted and not yet answered.", model,
+            registry=registry,
+        )  # fmt: skip
+        self.rejections = Counter(
+            "convserve_queue_rejections_total",
+            "Requests refused because the queue was full (RESOURCE_EXHAUSTED).",
+            model, registry=registry,
+        )  # fmt: skip
+        self.load_seconds = Gauge(
+            "convserve_model_load_seconds", "Time to load the session and warm it up.", model,
+            registry=registry,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "convserve_model_info",
+            "The loaded model (=1): active ONNX Runtime provider and the requested setting.",
+            [*model, "provider", "requested"], registry=registry,
+        )  # fmt: skip
+        self.provider_fallback = Gauge(
+            "convserve_provider_fallback",
+            "1 when CUDA was asked for (or auto found it available) but the session runs on CPU.",
+            model, registry=registry,
+        )  # fmt: skip
+        self.model_ready = Gauge(
+            "convserve_model_ready", "1 when the model is loaded and warm.", model,
+            registry=registry,
+        )  # fmt: skip
+        self.server_ready = Gauge(
+            "convserve_server_ready",
+            "1 when every model is ready and the server is not draining.",
+            registry=registry,
+        )
+
+    def for_model(self, name: str, version: int | str) -> ModelMetrics:
+        """The per-model view (creates the model's series at their zero values)."""
+        return ModelMetrics(self, name, str(version))
+
+    def observe_request(
+        self, model: str, version: str, rpc: str, code: str, latency_s: float
+    ) -> None:
+        """Counts one answered inference RPC and its latency."""
+        self.requests.labels(model, version, rpc, code).inc()
+        self.request_latency.labels(model, version, rpc).observe(latency_s)
+
+    def serve_http(self, host: str, port: int) -> tuple[Any, int]:
+        """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, int(server.server_port)
+
+
+class ModelMetrics:
+    """One model version's series; the batcher's observer."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self._m = metrics
+        self.name = name
+        self.version = version
+        labels = (name, version)
+        self._images = metrics.images.labels(*labels)
+        self._queue_wait = metrics.queue_wait.labels(*labels)
+        self._batch_compute = metrics.batch_compute.labels(*labels)
+        self._batch_size = metrics.batch_size.labels(*labels)
+        self._queue_depth = metrics.queue_depth.labels(*labels)
+        self._rejections = metrics.rejections.labels(*labels)
+        self.in_flight = metrics.in_flight.labels(*labels)
+        self.image_decode = metrics.image_decode.labels(name)
+        self.set_ready(False)
+
+    def queue_depth(self, items: int) -> None:
+        self._queue_depth.set(items)
+
+    def rejected(self) -> None:
+        self._rejections.inc()
+
+    def batch_started(self, size: int, waits_s: Sequence[float]) -> None:
+        for wait in waits_s:
+            self._queue_wait.observe(wait)
+        self._batch_size.observe(size)
+
+    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
+        self._batch_compute.observe(compute_s)
+        if ok:
+            self._images.inc(size)
+
+    def set_queue_capacity(self, items: int) -> None:
+        self._m.queue_capacity.labels(self.name, self.version).set(items)
+
+    def set_ready(self, ready: bool) -> None:
+        self._m.model_ready.labels(self.name, self.version).set(1 if ready else 0)
+
+    def loaded(self, load_s: float, provider: str, requested: str, fallback: bool) -> None:
+        """Records a successful load: time, provider info and whether CUDA fell back to CPU."""
+        self._m.load_seconds.labels(self.name, self.version).set(load_s)
+        self._m.model_info.labels(self.name, self.version, provider, requested).set(1)
+        self._m.provider_fallback.labels(self.name, self.version).set(1 if fallback else 0)

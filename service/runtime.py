@@ -1,0 +1,170 @@
+"""ONNX Runtime: one session per model version, run in an executor the runtime owns.
+
+`OnnxModel.load()` and `warm_up()` block (call them in a thread); `run()` is a coroutine that
+hands `InferenceSession.run` (which releases the GIL) to the model's own thread pool, so the
+event loop never waits on a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import ModelLoadError
+from service.repository import ModelSpec, read_metadata, spec_from_metadata
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The ONNX Runtime settings every model session is made with."""
+
+    providers: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"
+    executor_threads: int = 1
+
+
+def requested_providers(setting: str, available: Sequence[str]) -> list[str]:
+    """The provider list to ask ONNX Runtime for: `auto` takes CUDA only when it is built in."""
+    if setting == "cpu" or (setting == "auto" and CUDA not in available):
+        return [CPU]
+    return [CUDA, CPU]
+
+
+def warm_up_batch_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two up to max_batch_size, and max_batch_size itself."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
+    return sorted({*sizes, max_batch_size})
+
+
+class OnnxModel:
+    """One loaded model version: its session, spec, providers and executor."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        session: ort.InferenceSession,
+        requested: str,
+        wants_cuda: bool,
+        executor_threads: int,
+    ) -> None:
+        self.spec = spec
+        self._session = session
+        self.requested = requested
+        self.active_providers: tuple[str, ...] = tuple(session.get_providers())
+        self.provider = self.active_providers[0]
+        self.fallback = wants_cuda and CUDA not in self.active_providers
+        self._executor = ThreadPoolExecutor(
+            max_workers=executor_threads, thread_name_prefix=f"ort-{spec.name}"
+        )
+        self._output_names = [spec.preprocessing.output_name]
+
+    @classmethod
+    def load(cls, name: str, version: int, path: Path, options: RuntimeOptions) -> OnnxModel:
+        """Makes the session and checks the graph against the contract; raises ModelLoadError."""
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.graph_optimization_level = OPTIMIZATION_LEVELS[
+            options.graph_optimization_level
+        ]
+        session_options.log_severity_level = 3  # ORT's own warnings are noise; we log what matters
+        providers = requested_providers(options.providers, ort.get_available_providers())
+        wants_cuda = CUDA in providers
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=providers
+            )
+        except Exception as error:  # ORT raises its own exception types, undocumented
+            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}") from error
+        metadata = read_metadata(session.get_modelmeta().custom_metadata_map, path.parent)
+        spec = spec_from_metadata(name, version, metadata, path.parent)
+        check_signature(session, spec)
+        model = cls(spec, session, options.providers, wants_cuda, options.executor_threads)
+        logger.info(
+            "model %s version %s: providers %s (requested %s: %s)",
+            name, version, ", ".join(model.active_providers), options.providers,
+            ", ".join(providers),
+        )  # fmt: skip
+        if model.fallback:
+            logger.warning(
+                "!!! model %s version %s asked for CUDA (providers=%s) but runs on the CPU: "
+                "the CUDA provider did not load (see ONNX Runtime's error above; check the "
+                "CUDA/cuDNN libraries and the GPU). Serving continues on the CPU, much slower. "
+                "Exported as convserve_provider_fallback=1.",
+                name, version, options.providers,
+            )  # fmt: skip
+        return model
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> float:
+        """Runs one batch of each size so no request pays for first-run set-up; returns seconds."""
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for size in batch_sizes:
+            images = rng.integers(0, 256, size=(size, *self.spec.input_shape), dtype=np.uint8)
+            self.run_blocking(images)
+        return time.perf_counter() - started
+
+    def run_blocking(self, images: np.ndarray) -> np.ndarray:
+        """Runs one batch in the calling thread: uint8 [N, C, H, W] -> outputs [N, ...]."""
+        feeds = {self.spec.preprocessing.input_name: images}
+        output: np.ndarray = self._session.run(self._output_names, feeds)[0]
+        return output
+
+    async def run(self, images: np.ndarray) -> np.ndarray:
+        """Runs one batch in the model's executor without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run_blocking, images)
+
+    def close(self) -> None:
+        """Waits for running batches and frees the executor threads."""
+        self._executor.shutdown(wait=True)
+
+
+def check_signature(session: ort.InferenceSession, spec: ModelSpec) -> None:
+    """The graph must take uint8 [N, C, H, W] and give [N, number of labels]."""
+    p = spec.preprocessing
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if p.input_name not in inputs or len(inputs) != 1:
+        raise ModelLoadError(
+            f"the graph's inputs are {sorted(inputs)}; expected only {p.input_name}"
+        )
+    if p.output_name not in outputs:
+        raise ModelLoadError(f"the graph's outputs are {sorted(outputs)}; expected {p.output_name}")
+    graph_input = inputs[p.input_name]
+    if graph_input.type != "tensor(uint8)":
+        raise ModelLoadError(f"input {p.input_name} is {graph_input.type}; expected tensor(uint8)")
+    static = [d if isinstance(d, int) else -1 for d in graph_input.shape]
+    if len(static) != 4 or any(
+        d not in (-1, want) for d, want in zip(static[1:], spec.input_shape, strict=True)
+    ):
+        raise ModelLoadError(
+            f"input {p.input_name} has shape {graph_input.shape}; the metadata says "
+            f"[N, {', '.join(map(str, spec.input_shape))}]"
+        )
+    classes = outputs[p.output_name].shape[-1]
+    if isinstance(classes, int) and classes != len(spec.labels):
+        raise ModelLoadError(
+            f"output {p.output_name} has {classes} classes but there are {len(spec.labels)} labels"
+        )

@@ -1,0 +1,264 @@
+"""The composition root: settings -> model repository -> runtime -> batcher -> servicers -> server.
+
+    python -m service --model-repository model_repository [--grpc-port 8001] [--metrics-port 8002]
+
+Lifecycle: the gRPC port opens first (ServerLive true, health NOT_SERVING), then every model is
+loaded and warmed up, then health turns SERVING and the port file is written. On SIGTERM or
+SIGINT health turns NOT_SERVING, new calls are refused, accepted ones finish within
+`grace_period_s`, and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from service._proto import classification_pb2 as cls_pb2
+from service._proto import classification_pb2_grpc as cls_grpc
+from service._proto import grpc_service_pb2 as pb2
+from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from service.batcher import Batcher
+from service.classify import Classifier
+from service.errors import ConfigurationError
+from service.metrics import Metrics
+from service.models import LoadedModel, ModelManager
+from service.repository import ModelEntry, ModelRepository
+from service.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
+from service.servicers import ClassificationServicer, InferenceServicer, UnknownInferenceMethods
+from service.settings import Settings, settings_from
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    cls_pb2.DESCRIPTOR.services_by_name["ImageClassification"].full_name,
+)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("convserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class InferenceServer:
+    """One server process's objects, wired together, with start / load / stop."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.repository = ModelRepository(settings.model_repository, settings.model_versions)
+        self.health = health.aio.HealthServicer()
+        self.models: ModelManager | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self.draining = False
+        self._runtime_options = RuntimeOptions(
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            graph_optimization_level=settings.graph_optimization_level,
+            executor_threads=settings.max_concurrent_batches,
+        )
+        self._decode_executor: ThreadPoolExecutor | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+
+    async def start(self) -> None:
+        """Scans the repository, opens the gRPC and metrics ports; models are not loaded yet."""
+        s = self.settings
+        self.models = ModelManager(
+            self.repository.scan(),
+            self._load_model,
+            default_model=s.default_model,
+            on_failure=self._model_failed,
+        )
+        if not self.models.records:
+            logger.warning("no models in %s: the server will never be ready", s.model_repository)
+        self._decode_executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
+        classifier = Classifier(
+            self._decode_executor,
+            max_image_bytes=s.max_image_bytes,
+            max_image_pixels=s.max_image_pixels,
+            max_top_k=s.max_top_k,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
+            ]
+        )
+        inference = InferenceServicer(
+            self.models,
+            self.metrics,
+            server_ready=self.ready,
+            max_top_k=s.max_top_k,
+            version=package_version(),
+        )
+        pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        cls_grpc.add_ImageClassificationServicer_to_server(
+            ClassificationServicer(self.models, self.metrics, classifier), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        server.add_generic_rpc_handlers((UnknownInferenceMethods(),))
+        try:
+            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError as error:
+            raise ConfigurationError(f"cannot listen on {s.host}:{s.grpc_port}: {error}") from None
+        await self._publish_readiness()
+        await server.start()
+        self._grpc = server
+        self._metrics_http, self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+        logger.info(
+            "listening: gRPC %s:%s, metrics http://%s:%s/metrics",
+            s.host, self.grpc_port, s.host, self.metrics_port,
+        )  # fmt: skip
+
+    async def _load_model(self, entry: ModelEntry) -> LoadedModel:
+        s = self.settings
+        assert entry.version is not None
+        started = time.perf_counter()
+        runtime = await asyncio.to_thread(
+            OnnxModel.load, entry.name, entry.version, entry.model_path, self._runtime_options
+        )
+        try:
+            await asyncio.to_thread(runtime.warm_up, warm_up_batch_sizes(s.max_batch_size))
+        except Exception:
+            runtime.close()
+            raise
+        metrics = self.metrics.for_model(entry.name, entry.version)
+        batcher = Batcher(
+            runtime.run,
+            max_batch_size=s.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_s,
+            queue_capacity=s.queue_capacity,
+            max_concurrent_batches=s.max_concurrent_batches,
+            observer=metrics,
+            name=entry.name,
+        )
+        batcher.start()
+        load_s = time.perf_counter() - started
+        metrics.set_queue_capacity(s.queue_capacity)
+        metrics.loaded(load_s, runtime.provider, s.providers, runtime.fallback)
+        metrics.set_ready(True)
+        logger.info(
+            "model %s version %s ready in %.2f s on %s (%d labels, input %s)",
+            entry.name, entry.version, load_s, runtime.provider, len(runtime.spec.labels),
+            runtime.spec.input_shape,
+        )  # fmt: skip
+        return LoadedModel(runtime.spec, runtime, batcher, metrics)
+
+    def _model_failed(self, entry: ModelEntry, reason: str) -> None:
+        version = entry.version if entry.version is not None else "none"
+        self.metrics.for_model(entry.name, version).set_ready(False)
+
+    async def load_models(self) -> None:
+        """Loads and warms every model, then publishes readiness and writes the port file."""
+        assert self.models is not None
+        await self.models.load_all()
+        await self._publish_readiness()
+        if self.settings.port_file is not None:
+            write_port_file(self.settings.port_file, self.grpc_port, self.metrics_port)
+        logger.info("startup finished: %s", "READY" if self.ready() else "NOT READY")
+
+    def ready(self) -> bool:
+        """Server readiness (ServerReady, health, convserve_server_ready)."""
+        if self.draining or self.models is None or self.models.loading():
+            return False
+        if self.settings.strict_readiness:
+            return self.models.all_ready()
+        return self.models.any_ready()
+
+    async def _publish_readiness(self) -> None:
+        ready = self.ready()
+        self.metrics.server_ready.set(1 if ready else 0)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drains: NOT_SERVING, refuse new calls, let accepted ones finish, then free all."""
+        if self.draining:
+            return
+        self.draining = True
+        grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        self.metrics.server_ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        for model in self.models.loaded_models() if self.models else []:
+            await model.batcher.close()
+            await asyncio.to_thread(model.runtime.close)
+            model.metrics.set_ready(False)
+        if self._decode_executor is not None:
+            self._decode_executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_http is not None:
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+        logger.info("stopped")
+
+
+def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
+    """Writes {"grpc_port": N, "metrics_port": M} atomically (readers never see half a file)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}))
+    temporary.replace(path)
+
+
+async def serve(settings: Settings) -> int:
+    """Runs a server until SIGTERM or SIGINT, then drains it; returns the exit status."""
+    server = InferenceServer(settings)
+    await server.start()
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    loading = asyncio.create_task(server.load_models())
+    await stop_requested.wait()
+    logger.info("shutdown requested: draining for up to %.1f s", settings.grace_period_s)
+    loading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loading
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m service`: parses flags and CONVSERVE_* variables, serves."""
+    try:
+        settings = settings_from(sys.argv[1:] if argv is None else argv)
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(settings))
+    except ConfigurationError as error:
+        logger.error("%s", error)
+        return 2

@@ -1,0 +1,145 @@
+"""The gRPC servicers: decode, await the batcher, encode. Nothing else happens here.
+
+`InferenceServicer` is the KServe V2 `inference.GRPCInferenceService`; `ClassificationServicer`
+is `convserve.v1.ImageClassification`. Errors are raised as domain exceptions and turned into
+status codes by `service.status.Call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeAlias
+
+import grpc
+
+from service import converters
+from service._proto import classification_pb2 as cls_pb2
+from service._proto import classification_pb2_grpc as cls_grpc
+from service._proto import grpc_service_pb2 as pb2
+from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from service.classify import Classifier
+from service.errors import NotImplementedRpc
+from service.metrics import Metrics
+from service.models import ModelManager
+from service.status import Call
+
+SERVER_NAME = "convserve"
+EXTENSIONS = ("classification",)
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+IMPLEMENTED = (
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+)  # fmt: skip
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def _unimplemented(method: str) -> NotImplementedRpc:
+    return NotImplementedRpc(
+        f"{INFERENCE_SERVICE}/{method} is not implemented by {SERVER_NAME}; "
+        f"implemented: {', '.join(IMPLEMENTED)} (and convserve.v1.ImageClassification/Classify)"
+    )
+
+
+class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
+    """KServe V2 / Open Inference Protocol over gRPC."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        metrics: Metrics,
+        *,
+        server_ready: Callable[[], bool],
+        max_top_k: int,
+        version: str,
+    ) -> None:
+        self._models = models
+        self._metrics = metrics
+        self._server_ready = server_ready
+        self._max_top_k = max_top_k
+        self._version = version
+
+    async def ServerLive(self, request: pb2.ServerLiveRequest, context: Context) -> Any:
+        return pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb2.ServerReadyRequest, context: Context) -> Any:
+        return pb2.ServerReadyResponse(ready=self._server_ready())
+
+    async def ModelReady(self, request: pb2.ModelReadyRequest, context: Context) -> Any:
+        async with Call("ModelReady", context):
+            return pb2.ModelReadyResponse(
+                ready=self._models.is_ready(request.name, request.version)
+            )
+
+    async def ServerMetadata(self, request: pb2.ServerMetadataRequest, context: Context) -> Any:
+        return pb2.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS)
+        )
+
+    async def ModelMetadata(self, request: pb2.ModelMetadataRequest, context: Context) -> Any:
+        async with Call("ModelMetadata", context):
+            model = self._models.resolve(request.name, request.version)
+            return converters.model_metadata(model.spec)
+
+    async def ModelInfer(self, request: pb2.ModelInferRequest, context: Context) -> Any:
+        async with Call("ModelInfer", context, self._metrics) as call:
+            model = self._models.resolve(request.model_name, request.model_version)
+            call.bind(model.metrics)
+            images = converters.decode_input(request, model.spec)
+            outputs = converters.requested_outputs(request, model.spec, self._max_top_k)
+            deadline = call.deadline(converters.request_timeout_s(request))
+            values = await model.batcher.infer(images, deadline)
+            return converters.encode_infer_response(request, model.spec, outputs, values)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Context
+    ) -> AsyncIterator[Any]:
+        async with Call("ModelStreamInfer", context):
+            raise _unimplemented("ModelStreamInfer")
+        yield  # an async generator: the shape gRPC expects of a streaming handler
+
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:
+        async with Call("RepositoryIndex", context):
+            raise _unimplemented("RepositoryIndex")
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        async with Call("RepositoryModelLoad", context):
+            raise _unimplemented("RepositoryModelLoad")
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        async with Call("RepositoryModelUnload", context):
+            raise _unimplemented("RepositoryModelUnload")
+
+
+class UnknownInferenceMethods(grpc.GenericRpcHandler):
+    """Answers Triton-only RPCs of the same service (ModelConfig, ModelStatistics, shared
+    memory, ...) with UNIMPLEMENTED and the list of what is implemented."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        prefix = f"/{INFERENCE_SERVICE}/"
+        if not method.startswith(prefix):
+            return None
+        name = method[len(prefix) :]
+
+        async def answer(request_iterator: AsyncIterator[bytes], context: Context) -> None:
+            async with Call(name, context):
+                raise _unimplemented(name)
+
+        return grpc.stream_stream_rpc_method_handler(answer)
+
+
+class ClassificationServicer(cls_grpc.ImageClassificationServicer):
+    """convserve.v1.ImageClassification: encoded images in, top-k labels out."""
+
+    def __init__(self, models: ModelManager, metrics: Metrics, classifier: Classifier) -> None:
+        self._models = models
+        self._metrics = metrics
+        self._classifier = classifier
+
+    async def Classify(self, request: cls_pb2.ClassifyRequest, context: Context) -> Any:
+        async with Call("Classify", context, self._metrics) as call:
+            model = self._models.resolve(request.model_name, request.model_version)
+            call.bind(model.metrics)
+            results = await self._classifier.classify(
+                model, request.images, request.top_k, call.deadline()
+            )
+            return converters.classify_response(model.spec, results)

@@ -1,0 +1,254 @@
+"""The server's settings: one typed object, read from `CONVSERVE_*` variables and CLI flags.
+
+Every field has an environment variable (`CONVSERVE_` + the field name in upper case) and a
+CLI flag (`--` + the field name with dashes); the flag wins over the variable, which wins over
+the default. `python -m service --help` lists them all with their help text (the `help`
+metadata below is each field's docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigurationError
+
+ENV_PREFIX = "CONVSERVE_"
+PROVIDERS = ("auto", "cuda", "cpu")
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _doc(help: str, **extra: Any) -> dict[str, Any]:
+    """A field's docstring (its CLI help), plus the flag name or choices where they differ."""
+    return {"help": help, **extra}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told; built once in `main()` and injected."""
+
+    model_repository: Path = field(
+        default=Path("model_repository"),
+        metadata=_doc("model repository directory (<model>/<version>/model.onnx)"),
+    )
+    host: str = field(
+        default="0.0.0.0", metadata=_doc("address the gRPC and metrics servers listen on")
+    )
+    grpc_port: int = field(
+        default=8001, metadata=_doc("gRPC port (KServe V2, Classify, health, reflection); 0 = any")
+    )
+    metrics_port: int = field(
+        default=8002, metadata=_doc("Prometheus /metrics HTTP port; 0 = any free port")
+    )
+    port_file: Path | None = field(
+        default=None,
+        metadata=_doc('once ready, write {"grpc_port": N, "metrics_port": M} as JSON to this file'),
+    )
+    default_model: str = field(
+        default="",
+        metadata=_doc(
+            "model used when a request names none (default: the only model, if there is one)"
+        ),
+    )
+    model_versions: dict[str, int] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "pin a model to a version instead of its latest: NAME=VERSION (flag repeatable; "
+            "the variable takes a comma-separated list)",
+            flag="--model-version",
+        ),
+    )
+    strict_readiness: bool = field(
+        default=True,
+        metadata=_doc("ready only when every model loaded; off: ready when at least one did"),
+    )
+    providers: str = field(
+        default="auto",
+        metadata=_doc(
+            "ONNX Runtime providers: auto (CUDA when usable, else CPU), cuda, cpu",
+            choices=PROVIDERS,
+        ),
+    )
+    intra_op_threads: int = field(
+        default=0, metadata=_doc("ONNX Runtime intra-op threads per model; 0 = one a core")
+    )
+    inter_op_threads: int = field(
+        default=0, metadata=_doc("ONNX Runtime inter-op threads per model; 0 = default")
+    )
+    graph_optimization_level: str = field(
+        default="all",
+        metadata=_doc("ONNX Runtime graph optimisations", choices=GRAPH_OPTIMIZATION_LEVELS),
+    )
+    max_batch_size: int = field(
+        default=32, metadata=_doc("most items (images) one batch may hold; 1 = no batching")
+    )
+    max_queue_delay_us: int = field(
+        default=2000,
+        metadata=_doc(
+            "longest a request waits for a fuller batch while another batch is computing, in µs"
+        ),
+    )
+    max_concurrent_batches: int = field(
+        default=1,
+        metadata=_doc("batches one model may compute at the same time (runtime executor threads)"),
+    )
+    queue_capacity: int = field(
+        default=512,
+        metadata=_doc("most items waiting per model; beyond it requests get RESOURCE_EXHAUSTED"),
+    )
+    grace_period_s: float = field(
+        default=15.0,
+        metadata=_doc("on SIGTERM/SIGINT, how long accepted requests get to finish, in seconds"),
+    )
+    max_message_bytes: int = field(
+        default=64 * 2**20, metadata=_doc("largest gRPC message received or sent")
+    )
+    max_image_bytes: int = field(
+        default=16 * 2**20, metadata=_doc("largest encoded image accepted by Classify")
+    )
+    max_image_pixels: int = field(
+        default=40_000_000,
+        metadata=_doc(
+            "largest decoded image (width x height) accepted: guards decompression bombs"
+        ),
+    )
+    max_top_k: int = field(
+        default=100, metadata=_doc("largest top_k (Classify) or classification count accepted")
+    )
+    decode_threads: int = field(
+        default=2, metadata=_doc("threads decoding and resizing images for Classify")
+    )
+    log_level: str = field(default="INFO", metadata=_doc("logging level", choices=LOG_LEVELS))
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigurationError(f"{name} must be in 0..65535, got {port}")
+        positive = (
+            "max_batch_size", "max_concurrent_batches", "queue_capacity", "max_message_bytes",
+            "max_image_bytes", "max_image_pixels", "max_top_k", "decode_threads",
+        )  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.grace_period_s < 0:
+            raise ConfigurationError(f"grace_period_s must be 0 or more, got {self.grace_period_s}")
+        for item in fields():
+            choices = item.metadata.get("choices")
+            if choices and getattr(self, item.name) not in choices:
+                raise ConfigurationError(
+                    f"unknown {item.name} {getattr(self, item.name)!r}; "
+                    f"choose one of: {', '.join(choices)}"
+                )
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        """max_queue_delay_us in seconds, the unit the event loop's clock uses."""
+        return self.max_queue_delay_us / 1e6
+
+
+def fields() -> tuple[dataclasses.Field[Any], ...]:
+    """The settings' fields, in declaration order."""
+    return dataclasses.fields(Settings)
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a field, e.g. CONVSERVE_MODEL_REPOSITORY."""
+    return ENV_PREFIX + name.upper()
+
+
+def flag_name(item: dataclasses.Field[Any]) -> str:
+    """The CLI flag of a field, e.g. --model-repository."""
+    return str(item.metadata.get("flag", "--" + item.name.replace("_", "-")))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}; use one of: true, false, 1, 0, yes, no, on, off")
+
+
+def parse_model_version(text: str) -> tuple[str, int]:
+    """Parses one pin, `NAME=VERSION`."""
+    name, sep, version = text.partition("=")
+    if not sep or not name or not version.isdigit() or int(version) < 1:
+        raise ValueError(f"bad model version pin {text!r}; expected NAME=VERSION, e.g. mnist_cnn=2")
+    return name, int(version)
+
+
+def _converter(item: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    hint = typing.get_type_hints(Settings)[item.name]
+    if hint is bool:
+        return _parse_bool
+    if hint in (int, float, str, Path):
+        return typing.cast(Callable[[str], Any], hint)
+    if hint == (Path | None):
+        return lambda text: Path(text) if text else None
+    if item.name == "model_versions":
+        return lambda text: dict(parse_model_version(p) for p in text.split(",") if p.strip())
+    raise TypeError(f"no converter for setting {item.name}: {hint}")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Adds one flag per field. Defaults are suppressed so only given flags override."""
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m service",
+        description="convserve inference server (KServe V2 gRPC + Classify, dynamic batching).",
+    )
+    for item in fields():
+        help_text = f"{item.metadata['help']} [env {env_name(item.name)}]"
+        names = [flag_name(item)]
+        if item.name == "model_versions":
+            parser.add_argument(
+                *names, dest=item.name, action="append", type=parse_model_version,
+                metavar="NAME=VERSION", default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+        elif typing.get_type_hints(Settings)[item.name] is bool:
+            parser.add_argument(
+                *names, dest=item.name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                *names, dest=item.name, type=_converter(item), default=argparse.SUPPRESS,
+                choices=item.metadata.get("choices"), help=f"{help_text} (default: {item.default})",
+            )  # fmt: skip
+    return parser
+
+
+def settings_from(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Builds the settings: defaults, then CONVSERVE_* variables, then flags, then overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for item in fields():
+        raw = environ.get(env_name(item.name))
+        if raw is not None:
+            try:
+                values[item.name] = _converter(item)(raw)
+            except ValueError as error:
+                raise ConfigurationError(f"{env_name(item.name)}: {error}") from None
+    if argv is not None:
+        parsed = vars(build_parser().parse_args(argv))
+        if "model_versions" in parsed:
+            parsed["model_versions"] = dict(parsed["model_versions"])
+        values.update(parsed)
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,132 @@
+"""The one place where domain errors become gRPC status codes, and where each call is counted.
+
+Every servicer method runs its body inside `async with Call(...)`: on the way out the call is
+counted in the metrics (inference RPCs), an exception is mapped to its status code with
+`status_of()`, and the RPC is aborted with that code and the error's message. Unknown
+exceptions become INTERNAL with a generic message; their traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from service.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    NotImplementedRpc,
+    Overloaded,
+    ServiceError,
+)
+from service.metrics import Metrics, ModelMetrics
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    NotImplementedRpc: grpc.StatusCode.UNIMPLEMENTED,
+    InternalError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception."""
+    for kind in type(error).__mro__:
+        code = STATUS_CODES.get(kind)  # type: ignore[call-overload]
+        if code is not None:
+            return code, INTERNAL_MESSAGE if code == grpc.StatusCode.INTERNAL else str(error)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+class Call:
+    """One RPC in flight: `async with Call(rpc, context, metrics) as call: ...`.
+
+    `bind()` names the model once it is known, so the request is counted under it (and in
+    `convserve_requests_in_flight`); unbound inference calls count under model="" version="".
+    `metrics=None` (metadata and health RPCs) maps errors without counting.
+    """
+
+    def __init__(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.rpc = rpc
+        self.context = context
+        self._metrics = metrics
+        self._model: ModelMetrics | None = None
+        self._started = time.perf_counter()
+
+    def bind(self, model: ModelMetrics) -> None:
+        """Attributes this call to a model version."""
+        if self._metrics is not None and self._model is None:
+            self._model = model
+            model.in_flight.inc()
+
+    def deadline(self, timeout_s: float | None = None) -> float | None:
+        """The call's deadline on the event loop's clock: the gRPC deadline, or `timeout_s`
+        from now (a request parameter), whichever comes first; None when neither is set."""
+        remaining = self.context.time_remaining()
+        candidates = [t for t in (remaining, timeout_s) if t is not None]
+        if not candidates:
+            return None
+        return asyncio.get_running_loop().time() + min(candidates)
+
+    async def __aenter__(self) -> Call:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if error is None:
+            self._finish(grpc.StatusCode.OK)
+            return False
+        if isinstance(error, asyncio.CancelledError):
+            # The client went away or its deadline passed; gRPC answers for us.
+            remaining = self.context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self._finish(code)
+            return False
+        if isinstance(error, grpc.aio.AbortError):  # a servicer aborted on purpose
+            self._finish(self.context.code() or grpc.StatusCode.UNKNOWN)
+            return False
+        code, message = status_of(error)
+        if code == grpc.StatusCode.INTERNAL and not isinstance(error, InternalError):
+            logger.error("%s failed", self.rpc, exc_info=error)
+        else:
+            logger.debug("%s answered %s: %s", self.rpc, code.name, error)
+        self._finish(code)
+        await self.context.abort(code, message)
+        return False  # unreachable: abort() raises
+
+    def _finish(self, code: grpc.StatusCode | object) -> None:
+        if self._metrics is None:
+            return
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        latency_s = time.perf_counter() - self._started
+        if self._model is None:
+            self._metrics.observe_request("", "", self.rpc, name, latency_s)
+            return
+        self._model.in_flight.dec()
+        self._metrics.observe_request(
+            self._model.name, self._model.version, self.rpc, name, latency_s
+        )
