@@ -1,0 +1,94 @@
+"""service.images: decode + convert + resize as the contract says; limits on bytes and pixels."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import InvalidInput
+from service.images import decode_image
+from service.repository import Preprocessing
+from tests.service.conftest import encode_image
+
+GRAY = Preprocessing(height=28, width=28, channels=1, color_mode="L")
+RGB = Preprocessing(height=32, width=24, channels=3, color_mode="RGB")
+LIMITS = {"max_bytes": 1 << 20, "max_pixels": 1 << 22}
+
+
+def contract_reference(data: bytes, p: Preprocessing) -> np.ndarray:
+    """docs/model-repository.md, written out independently of service.images."""
+    import io
+
+    image = Image.open(io.BytesIO(data)).convert(p.color_mode)
+    if image.size != (p.width, p.height):
+        image = image.resize((p.width, p.height), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def test_gray_png_of_the_right_size_is_taken_as_is() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    decoded = decode_image(encode_image(pixels), GRAY, **LIMITS)
+    assert decoded.shape == (1, 28, 28) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[0], pixels)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP"])
+def test_colour_image_is_converted_and_resized_like_training(fmt: str) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    data = encode_image(pixels, fmt)
+    np.testing.assert_array_equal(
+        decode_image(data, GRAY, **LIMITS), contract_reference(data, GRAY)
+    )
+    rgb = decode_image(data, RGB, **LIMITS)
+    assert rgb.shape == (3, 32, 24)
+    np.testing.assert_array_equal(rgb, contract_reference(data, RGB))
+
+
+def test_garbage_is_refused_with_the_reason() -> None:
+    with pytest.raises(InvalidInput, match="cannot decode the image .* not a format Pillow reads"):
+        decode_image(b"definitely not an image", GRAY, **LIMITS)
+    with pytest.raises(InvalidInput, match="empty"):
+        decode_image(b"", GRAY, **LIMITS)
+
+
+def test_truncated_image_is_refused() -> None:
+    data = encode_image(np.zeros((64, 64, 3), dtype=np.uint8), "JPEG")
+    with pytest.raises(InvalidInput, match="cannot decode"):
+        decode_image(data[: len(data) // 2], GRAY, **LIMITS)
+
+
+def test_oversized_payload_is_refused_before_decoding() -> None:
+    data = encode_image(np.zeros((28, 28), dtype=np.uint8))
+    with pytest.raises(InvalidInput, match=f"{len(data)} bytes; the limit is 10 bytes"):
+        decode_image(data, GRAY, max_bytes=10, max_pixels=1 << 22)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG claiming a huge size: what a decompression bomb looks like to open()."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_limit_is_checked_before_pixels_are_decoded() -> None:
+    data = png_header_only(30_000, 20_000)  # 600 M pixels in under 100 bytes
+    assert len(data) < 100
+    with pytest.raises(InvalidInput, match="too large|limit"):
+        decode_image(data, GRAY, **LIMITS)
+    with pytest.raises(InvalidInput, match="5000x5000 = 25000000 pixels; the limit is 4194304"):
+        decode_image(png_header_only(5000, 5000), GRAY, **LIMITS)

@@ -1,0 +1,242 @@
+"""KServe V2 over a real gRPC channel with the generated stubs: answers, typed inputs, errors.
+
+Every error test sends the bad request, checks the status code and message, then checks that
+the server still answers a good request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service._proto import grpc_service_pb2 as pb2
+from tests.model_factory import TinySpec, reference_logits
+from tests.service.conftest import RunningServer, StartServer, random_images
+
+
+def infer_request(
+    images: np.ndarray, model: str = "tiny", **kwargs: object
+) -> pb2.ModelInferRequest:
+    request = pb2.ModelInferRequest(model_name=model, **kwargs)  # type: ignore[arg-type]
+    request.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
+    request.raw_input_contents.append(images.tobytes())
+    return request
+
+
+def logits_of(response: pb2.ModelInferResponse) -> np.ndarray:
+    shape = list(response.outputs[0].shape)
+    return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(shape)
+
+
+def assert_still_serving(running: RunningServer, model: str = "tiny") -> None:
+    images = random_images(1, seed=99)
+    response = running.inference_stub().ModelInfer(infer_request(images, model), timeout=10)
+    np.testing.assert_allclose(logits_of(response), reference_logits(TinySpec(), images), atol=1e-5)
+
+
+def ask_classification(request: pb2.ModelInferRequest, k: int) -> None:
+    request.outputs.add(name="logits").parameters["classification"].int64_param = k
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as caught:
+        call(*args, **kwargs)
+    return caught.value
+
+
+@pytest.fixture
+def tiny_server(start_server: StartServer, tiny_repository: Path) -> RunningServer:
+    return start_server(tiny_repository)
+
+
+def test_liveness_readiness_and_metadata(tiny_server: RunningServer) -> None:
+    stub = tiny_server.inference_stub()
+    assert stub.ServerLive(pb2.ServerLiveRequest()).live
+    assert stub.ServerReady(pb2.ServerReadyRequest()).ready
+    assert stub.ModelReady(pb2.ModelReadyRequest(name="tiny")).ready
+    assert stub.ModelReady(pb2.ModelReadyRequest(name="tiny", version="1")).ready
+    assert not stub.ModelReady(pb2.ModelReadyRequest(name="tiny", version="2")).ready
+    assert not stub.ModelReady(pb2.ModelReadyRequest(name="nope")).ready
+    server = stub.ServerMetadata(pb2.ServerMetadataRequest())
+    assert server.name == "convserve" and "classification" in server.extensions
+    model = stub.ModelMetadata(pb2.ModelMetadataRequest(name="tiny"))
+    assert (model.name, list(model.versions), model.platform) == ("tiny", ["1"], "onnxruntime_onnx")
+    assert list(model.inputs[0].shape) == [-1, 1, 28, 28]
+
+
+def test_raw_inference_matches_the_reference(
+    tiny_server: RunningServer, tiny_spec: TinySpec
+) -> None:
+    images = random_images(5, seed=1)
+    response = tiny_server.inference_stub().ModelInfer(infer_request(images, id="abc"))
+    assert (response.model_name, response.model_version, response.id) == ("tiny", "1", "abc")
+    assert response.outputs[0].datatype == "FP32"
+    np.testing.assert_allclose(logits_of(response), reference_logits(tiny_spec, images), atol=1e-5)
+
+
+def test_typed_contents_inference(tiny_server: RunningServer, tiny_spec: TinySpec) -> None:
+    images = random_images(2, seed=2)
+    request = pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
+    tensor.contents.uint_contents.extend(images.ravel().tolist())
+    response = tiny_server.inference_stub().ModelInfer(request)
+    np.testing.assert_allclose(logits_of(response), reference_logits(tiny_spec, images), atol=1e-5)
+
+
+def test_model_name_may_be_omitted_when_there_is_one_model(tiny_server: RunningServer) -> None:
+    response = tiny_server.inference_stub().ModelInfer(infer_request(random_images(1, 3), model=""))
+    assert response.model_name == "tiny"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: setattr(r.inputs[0], "datatype", "FP32"), "datatype FP32; model tiny expects"),
+        (lambda r: r.inputs[0].shape.__setitem__(3, 27), "shape [1, 1, 28, 27]"),
+        (lambda r: r.raw_input_contents.__setitem__(0, b"123"), "raw contents are 3 bytes"),
+        (lambda r: setattr(r.inputs[0], "name", "x"), "unknown input 'x'"),
+        (lambda r: r.outputs.add(name="probabilities"), "unknown output 'probabilities'"),
+        (lambda r: ask_classification(r, -2), "classification must be in 1..100"),
+    ],
+)
+def test_invalid_argument(tiny_server: RunningServer, mutate, message: str) -> None:
+    request = infer_request(random_images(1, seed=4))
+    mutate(request)
+    error = rpc_error(tiny_server.inference_stub().ModelInfer, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+    assert_still_serving(tiny_server)
+
+
+def test_not_found_names_what_exists(tiny_server: RunningServer) -> None:
+    stub = tiny_server.inference_stub()
+    error = rpc_error(stub.ModelInfer, infer_request(random_images(1, 5), model="mnist"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'mnist'; available: tiny" in error.details()
+    error = rpc_error(stub.ModelInfer, infer_request(random_images(1, 5), model_version="7"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "version '7' is not served; served: 1" in error.details()
+    error = rpc_error(stub.ModelMetadata, pb2.ModelMetadataRequest(name="mnist"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert_still_serving(tiny_server)
+
+
+def test_unavailable_while_models_load(start_server: StartServer, tiny_repository: Path) -> None:
+    running = start_server(tiny_repository, load=False)
+    stub = running.inference_stub()
+    assert stub.ServerLive(pb2.ServerLiveRequest()).live
+    assert not stub.ServerReady(pb2.ServerReadyRequest()).ready
+    error = rpc_error(stub.ModelInfer, infer_request(random_images(1, 6)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "model tiny version 1 is still loading" in error.details()
+    running.load()
+    assert stub.ServerReady(pb2.ServerReadyRequest()).ready
+    assert_still_serving(running)
+
+
+def test_resource_exhausted_when_the_queue_is_full(
+    start_server: StartServer, slow_repository: Path
+) -> None:
+    running = start_server(slow_repository, max_batch_size=1, queue_capacity=2)
+    stub = running.inference_stub()
+    codes: list[grpc.StatusCode] = []
+    details: list[str] = []
+
+    def send(seed: int) -> None:
+        try:
+            stub.ModelInfer(infer_request(random_images(1, seed), model="slow"), timeout=30)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.append(error.code())
+            details.append(error.details())
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert grpc.StatusCode.OK in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert any("model slow is overloaded" in d and "retry later" in d for d in details)
+    rejected = running.metric("convserve_queue_rejections_total", model="slow", version="1")
+    assert rejected == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert_still_serving(running, "slow")
+
+
+def test_deadline_exceeded_before_compute(start_server: StartServer, slow_repository: Path) -> None:
+    running = start_server(slow_repository, max_batch_size=1)
+    stub = running.inference_stub()
+    busy = [
+        stub.ModelInfer.future(infer_request(random_images(1, i), model="slow")) for i in range(3)
+    ]
+    # Both wait behind about 150 ms of work: Triton's per-request `timeout` parameter (µs) ...
+    late = infer_request(random_images(1, 10), model="slow")
+    late.parameters["timeout"].int64_param = 20_000
+    late_future = stub.ModelInfer.future(late, timeout=30)
+    # ... and a plain gRPC deadline (the client may report that one itself first).
+    short = stub.ModelInfer.future(infer_request(random_images(1, 11), model="slow"), timeout=0.05)
+    error = rpc_error(late_future.result)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline passed after" in error.details() and "not computed" in error.details()
+    assert rpc_error(short.result).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for future in busy:
+        future.result(timeout=30)
+    model = running.server.models.resolve("slow")  # type: ignore[union-attr]
+    assert model.batcher.stats.dropped == 2
+    assert running.metric("convserve_images_total", model="slow", version="1") == 3
+    assert_still_serving(running, "slow")
+
+
+def test_internal_errors_hide_details_and_log_them(
+    tiny_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tiny_server.server.models.resolve("tiny")  # type: ignore[union-attr]
+    original = model.batcher._run_batch
+
+    async def explode(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("secret stack detail")
+
+    model.batcher._run_batch = explode
+    with caplog.at_level(logging.ERROR):
+        error = rpc_error(
+            tiny_server.inference_stub().ModelInfer, infer_request(random_images(1, 7))
+        )
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in error.details() and "internal error" in error.details()
+    assert any("secret stack detail" in (r.exc_text or "") for r in caplog.records)
+    model.batcher._run_batch = original
+    assert_still_serving(tiny_server)
+
+
+def test_other_rpcs_are_unimplemented_with_a_message(tiny_server: RunningServer) -> None:
+    stub = tiny_server.inference_stub()
+    error = rpc_error(stub.RepositoryIndex, pb2.RepositoryIndexRequest())
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert (
+        "RepositoryIndex is not implemented by convserve; implemented: ServerLive"
+        in error.details()
+    )
+    stream = stub.ModelStreamInfer(iter([infer_request(random_images(1, 8))]))
+    error = rpc_error(lambda: list(stream))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    # Triton-only methods that are not in our proto (e.g. ModelConfig) get the same answer.
+    raw = tiny_server.channel().unary_unary("/inference.GRPCInferenceService/ModelConfig")
+    error = rpc_error(raw, b"", timeout=5)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "ModelConfig is not implemented" in error.details()
+    assert_still_serving(tiny_server)
+
+
+def test_oversized_message_is_refused_by_grpc(
+    start_server: StartServer, tiny_repository: Path
+) -> None:
+    running = start_server(tiny_repository, max_message_bytes=4096)
+    error = rpc_error(running.inference_stub().ModelInfer, infer_request(random_images(8, 9)))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_still_serving(running)

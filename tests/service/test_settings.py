@@ -1,0 +1,76 @@
+"""service.settings: one typed object from CONVSERVE_* variables and mirrored CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.errors import ConfigurationError
+from service.settings import Settings, build_parser, env_name, fields, flag_name, settings_from
+
+
+def test_every_field_has_help_an_env_variable_and_a_flag() -> None:
+    help_text = build_parser().format_help()
+    for item in fields():
+        assert item.metadata.get("help"), f"{item.name} has no docstring"
+        assert env_name(item.name).startswith("CONVSERVE_")
+        assert flag_name(item) in help_text
+        assert env_name(item.name) in help_text
+
+
+def test_defaults_match_the_documented_ports() -> None:
+    settings = settings_from([], environ={})
+    assert (settings.host, settings.grpc_port, settings.metrics_port) == ("0.0.0.0", 8001, 8002)
+    assert settings.providers == "auto"
+
+
+def test_flags_win_over_variables_which_win_over_defaults() -> None:
+    environ = {
+        "CONVSERVE_MODEL_REPOSITORY": "/models",
+        "CONVSERVE_MAX_BATCH_SIZE": "16",
+        "CONVSERVE_STRICT_READINESS": "false",
+        "CONVSERVE_MODEL_VERSIONS": "a=2,b=3",
+    }
+    settings = settings_from(["--max-batch-size", "4", "--model-version", "c=1"], environ)
+    assert settings.model_repository == Path("/models")
+    assert settings.max_batch_size == 4
+    assert settings.strict_readiness is False
+    assert settings.model_versions == {"c": 1}
+    assert settings_from([], environ).model_versions == {"a": 2, "b": 3}
+
+
+def test_port_file_and_queue_delay_units() -> None:
+    settings = settings_from(
+        ["--port-file", "/tmp/p.json", "--max-queue-delay-us", "1500"], environ={}
+    )
+    assert settings.port_file == Path("/tmp/p.json")
+    assert settings.max_queue_delay_s == pytest.approx(0.0015)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--providers", "tpu"], {}, None),
+        ([], {"CONVSERVE_PROVIDERS": "tpu"}, "unknown providers 'tpu'; choose one of: auto, cuda"),
+        ([], {"CONVSERVE_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
+        ([], {"CONVSERVE_GRPC_PORT": "70000"}, "grpc_port must be in 0..65535"),
+        ([], {"CONVSERVE_STRICT_READINESS": "maybe"}, "not a boolean"),
+        ([], {"CONVSERVE_MODEL_VERSIONS": "mnist"}, "expected NAME=VERSION"),
+    ],
+)
+def test_bad_values_fail_fast_naming_the_allowed_ones(
+    argv: list[str], environ: dict[str, str], message: str | None
+) -> None:
+    if message is None:  # argparse reports bad choices itself, and exits
+        with pytest.raises(SystemExit):
+            settings_from(argv, environ)
+        return
+    with pytest.raises(ConfigurationError, match=message):
+        settings_from(argv, environ)
+
+
+def test_settings_are_immutable() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.max_batch_size = 3  # type: ignore[misc]
