@@ -67,7 +67,7 @@ def test_typed_contents_out_of_uint8_range_are_refused() -> None:
     request = pb2.ModelInferRequest(model_name="tiny")
     tensor = request.inputs.add(name="images", datatype="UINT8", shape=[1, 1, 4, 5])
     tensor.contents.uint_contents.extend([300] * 20)
-    with pytest.raises(InvalidInput, match="0..255"):
+    with pytest.raises(InvalidInput, match=r"0\.\.255"):
         converters.decode_input(request, SPEC)
 
 

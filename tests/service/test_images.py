@@ -50,7 +50,7 @@ def test_colour_image_is_converted_and_resized_like_training(fmt: str) -> None:
 
 
 def test_garbage_is_refused_with_the_reason() -> None:
-    with pytest.raises(InvalidInput, match="cannot decode the image .* not a format Pillow reads"):
+    with pytest.raises(InvalidInput, match=r"cannot decode the image .* not a format Pillow reads"):
         decode_image(b"definitely not an image", GRAY, **LIMITS)
     with pytest.raises(InvalidInput, match="empty"):
         decode_image(b"", GRAY, **LIMITS)
@@ -88,7 +88,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limit_is_checked_before_pixels_are_decoded() -> None:
     data = png_header_only(30_000, 20_000)  # 600 M pixels in under 100 bytes
     assert len(data) < 100
-    with pytest.raises(InvalidInput, match="too large|limit"):
+    with pytest.raises(InvalidInput, match=r"too large|limit"):
         decode_image(data, GRAY, **LIMITS)
     with pytest.raises(InvalidInput, match="5000x5000 = 25000000 pixels; the limit is 4194304"):
         decode_image(png_header_only(5000, 5000), GRAY, **LIMITS)

@@ -1,0 +1,128 @@
+"""Metrics named as in docs/metrics.md, read from a fresh registry; batching under real load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service._proto import classification_pb2 as cls_pb2
+from service._proto import grpc_service_pb2 as pb2
+from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from tests.model_factory import TinySpec, reference_logits
+from tests.service.conftest import StartServer, encode_image, random_images
+from tests.service.test_inference_api import infer_request, logits_of
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
+def test_every_documented_metric_is_exposed(
+    start_server: StartServer, tiny_repository: Path
+) -> None:
+    running = start_server(tiny_repository)
+    running.inference_stub().ModelInfer(infer_request(random_images(1, 0)))
+    documented = set(re.findall(r"^\| `(convserve_[a-z_]+)`", DOCS.read_text(), re.MULTILINE))
+    assert len(documented) >= 16
+    with urllib.request.urlopen(running.metrics_url, timeout=10) as reply:
+        exposition = reply.read().decode()
+    for name in documented:
+        assert re.search(rf"^{name}(_bucket|_count|_sum)?[{{ ]", exposition, re.MULTILINE), name
+    assert "process_cpu_seconds_total" in exposition and "python_info" in exposition
+
+
+def test_values_after_n_requests(
+    start_server: StartServer, tiny_repository: Path, tiny_spec: TinySpec
+) -> None:
+    running = start_server(tiny_repository, max_batch_size=8, queue_capacity=100)
+    stub = running.inference_stub()
+    for seed in range(4):
+        stub.ModelInfer(infer_request(random_images(3, seed)))
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(infer_request(random_images(1, 9), model="nope"))
+    images = [encode_image(np.zeros((28, 28), dtype=np.uint8))] * 2
+    running.classification_stub().Classify(cls_pb2.ClassifyRequest(images=images))
+
+    model = {"model": "tiny", "version": "1"}
+    value = running.metric
+    assert value("convserve_requests_total", **model, rpc="ModelInfer", code="OK") == 4
+    assert value("convserve_requests_total", **model, rpc="Classify", code="OK") == 1
+    assert (
+        value("convserve_requests_total", model="", version="", rpc="ModelInfer", code="NOT_FOUND")
+        == 1
+    )
+    assert value("convserve_request_latency_seconds_count", **model, rpc="ModelInfer") == 4
+    assert value("convserve_images_total", **model) == 4 * 3 + 2
+    assert value("convserve_image_decode_seconds_count", model="tiny") == 2
+    assert value("convserve_batch_size_count", **model) == 5
+    assert value("convserve_batch_size_sum", **model) == 14
+    assert value("convserve_queue_wait_seconds_count", **model) == 5
+    assert value("convserve_batch_compute_seconds_count", **model) == 5
+    assert value("convserve_queue_depth", **model) == 0
+    assert value("convserve_queue_capacity", **model) == 100
+    assert value("convserve_requests_in_flight", **model) == 0
+    assert value("convserve_queue_rejections_total", **model) == 0
+    assert value("convserve_model_ready", **model) == 1
+    assert value("convserve_server_ready") == 1
+    assert (
+        value("convserve_model_info", **model, provider="CPUExecutionProvider", requested="cpu")
+        == 1
+    )
+    assert value("convserve_provider_fallback", **model) == 0
+    assert value("convserve_model_load_seconds", **model) > 0
+
+
+def test_server_ready_drops_when_draining(start_server: StartServer, tiny_repository: Path) -> None:
+    running = start_server(tiny_repository)
+    assert running.metric("convserve_server_ready") == 1
+    running.run(running.server.stop(0.5))
+    assert running.metric("convserve_server_ready") == 0
+    assert running.metric("convserve_model_ready", model="tiny", version="1") == 0
+
+
+def test_cuda_request_falling_back_to_cpu_is_loud(
+    start_server: StartServer, tiny_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        running = start_server(tiny_repository, providers="cuda")
+    model = running.server.models.resolve("tiny")  # type: ignore[union-attr]
+    if model.runtime.provider == "CUDAExecutionProvider":
+        pytest.skip("CUDA works on this machine: nothing falls back")
+    labels = {"model": "tiny", "version": "1"}
+    assert running.metric("convserve_provider_fallback", **labels) == 1
+    info = {"provider": "CPUExecutionProvider", "requested": "cuda"}
+    assert running.metric("convserve_model_info", **labels, **info) == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "asked for CUDA" in r.getMessage() and "runs on the CPU" in r.getMessage() for r in warnings
+    )
+
+
+async def test_concurrent_requests_are_batched_and_answered_with_their_own_results(
+    start_server: StartServer, slow_repository: Path, tiny_spec: TinySpec
+) -> None:
+    running = start_server(slow_repository, max_batch_size=16, max_queue_delay_us=20_000)
+    inputs = [random_images(1 + i % 3, seed=100 + i) for i in range(24)]
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+        responses = await asyncio.gather(
+            *(stub.ModelInfer(infer_request(x, model="slow"), timeout=60) for x in inputs)
+        )
+    for images, response in zip(inputs, responses, strict=True):
+        np.testing.assert_allclose(
+            logits_of(response), reference_logits(tiny_spec, images), atol=1e-5
+        )
+    labels = {"model": "slow", "version": "1"}
+    batches = running.metric("convserve_batch_size_count", **labels)
+    items = running.metric("convserve_batch_size_sum", **labels)
+    assert items == sum(len(x) for x in inputs)
+    assert batches is not None and batches < len(inputs)  # some requests shared a batch
+    assert running.metric("convserve_batch_size_bucket", **labels, le="1.0") < batches  # type: ignore[operator]
+    stats = running.server.models.resolve("slow").batcher.stats  # type: ignore[union-attr]
+    assert 1 < stats.largest_batch <= 16
+    assert isinstance(responses[0], pb2.ModelInferResponse)

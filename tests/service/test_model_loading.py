@@ -1,0 +1,93 @@
+"""The model repository: versions, pins, and failures that stay with their model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service._proto import grpc_service_pb2 as pb2
+from service.errors import ConfigurationError
+from service.repository import ModelRepository
+from tests.model_factory import TinySpec, reference_logits, write_version
+from tests.service.conftest import StartServer, random_images
+from tests.service.model_builders import write_broken_version, write_model_without_metadata
+from tests.service.test_inference_api import infer_request, logits_of
+
+
+def test_scan_ignores_non_versions_and_picks_the_latest(tmp_path: Path) -> None:
+    write_version(tmp_path, "tiny", 1, TinySpec())
+    write_version(tmp_path, "tiny", 10, TinySpec())
+    (tmp_path / "tiny" / ".tmp-abc123").mkdir()
+    (tmp_path / "tiny" / "notes.txt").write_text("not a version")
+    (tmp_path / "tiny" / "0").mkdir()
+    (tmp_path / "empty").mkdir()
+    entries = ModelRepository(tmp_path).scan()
+    assert [(e.name, e.versions, e.version) for e in entries] == [("tiny", (1, 10), 10)]
+    pinned = ModelRepository(tmp_path, {"tiny": 1}).scan()[0]
+    assert pinned.version == 1
+    missing = ModelRepository(tmp_path, {"tiny": 3}).scan()[0]
+    assert "pinned version 3 is not in the repository (versions: 1, 10)" in missing.problem
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        ModelRepository(tmp_path / "nowhere").scan()
+
+
+def test_latest_version_is_served_unless_pinned(
+    start_server: StartServer, two_version_repository: Path
+) -> None:
+    images = random_images(2, seed=1)
+    latest = start_server(two_version_repository)
+    response = latest.inference_stub().ModelInfer(infer_request(images))
+    assert response.model_version == "2"
+    np.testing.assert_allclose(
+        logits_of(response), reference_logits(TinySpec(seed=2), images), atol=1e-5
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        latest.inference_stub().ModelInfer(infer_request(images, model_version="1"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (
+        "in the repository: 1, 2; choose another with --model-version tiny=N"
+        in caught.value.details()
+    )
+
+    pinned = start_server(two_version_repository, model_versions={"tiny": 1})
+    response = pinned.inference_stub().ModelInfer(infer_request(images, model_version="1"))
+    np.testing.assert_allclose(
+        logits_of(response), reference_logits(TinySpec(seed=1), images), atol=1e-5
+    )
+
+
+def test_a_broken_model_is_reported_and_does_not_take_the_others_down(
+    start_server: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_version(tmp_path, "good", 1, TinySpec())
+    write_broken_version(tmp_path, "broken", 3)
+    write_model_without_metadata(tmp_path, "bare", TinySpec())
+    with caplog.at_level(logging.ERROR):
+        running = start_server(tmp_path)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        "model broken version 3 failed to load: ONNX Runtime cannot load" in m for m in errors
+    )
+    assert any("model bare version 1 failed to load" in m and "no convserve" in m for m in errors)
+
+    stub = running.inference_stub()
+    assert stub.ModelReady(pb2.ModelReadyRequest(name="good")).ready
+    assert not stub.ModelReady(pb2.ModelReadyRequest(name="broken")).ready
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(infer_request(random_images(1, 2), model="broken"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (
+        "model broken version 3 failed to load: ONNX Runtime cannot load" in caught.value.details()
+    )
+    assert stub.ModelInfer(infer_request(random_images(1, 2), model="good")).model_name == "good"
+    assert running.metric("convserve_model_ready", model="broken", version="3") == 0
+    # strict readiness (the default): not ready while a model is broken ...
+    assert not stub.ServerReady(pb2.ServerReadyRequest()).ready
+    assert running.metric("convserve_server_ready") == 0
+    # ... and ready with the healthy ones when relaxed.
+    relaxed = start_server(tmp_path, strict_readiness=False)
+    assert relaxed.inference_stub().ServerReady(pb2.ServerReadyRequest()).ready

@@ -1,0 +1,124 @@
+"""Talks to a running convserve server with Triton's own client, unchanged.
+
+    python -m tests.service.tritonclient_check --address 127.0.0.1:8001 --descriptor FILE
+
+Runs in its own process: tritonclient ships generated `inference.*` messages of its own, and
+the default protobuf descriptor pool refuses a second definition of the same symbols, so this
+process must never import `service._proto`. `--descriptor` is our grpc_service.proto as a
+serialized FileDescriptorProto (read as plain data, never added to the pool), compared field by
+field with tritonclient's for wire compatibility. Exits non-zero on the first failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tritonclient.grpc as triton
+from google.protobuf import descriptor_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.model_factory import TinySpec, reference_logits
+
+
+def check_wire_compatibility(descriptor_file: Path) -> None:
+    ours = descriptor_pb2.FileDescriptorProto.FromString(descriptor_file.read_bytes())
+    theirs = descriptor_pb2.FileDescriptorProto()
+    service_pb2.DESCRIPTOR.CopyToProto(theirs)
+    assert ours.package == theirs.package == "inference"
+
+    def fields(message: descriptor_pb2.DescriptorProto, prefix: str = "") -> dict:
+        found = {
+            f"{prefix}{message.name}.{f.name}": (f.number, f.type, f.label, f.type_name)
+            for f in message.field
+        }
+        for nested in message.nested_type:
+            found.update(fields(nested, f"{prefix}{message.name}."))
+        return found
+
+    their_messages = {m.name: fields(m) for m in theirs.message_type}
+    for message in ours.message_type:
+        assert message.name in their_messages, f"{message.name} is not in Triton's proto"
+        assert fields(message) == their_messages[message.name], f"{message.name} differs"
+    their_methods = {m.name: m for m in theirs.service[0].method}
+    assert ours.service[0].name == theirs.service[0].name == "GRPCInferenceService"
+    for method in ours.service[0].method:
+        other = their_methods[method.name]
+        assert (method.input_type, method.output_type) == (other.input_type, other.output_type)
+        assert (method.client_streaming, method.server_streaming) == (
+            other.client_streaming,
+            other.server_streaming,
+        )
+    print(f"wire: {len(ours.message_type)} messages, {len(ours.service[0].method)} methods match")
+
+
+def check_client(address: str) -> None:
+    spec = TinySpec()
+    client = triton.InferenceServerClient(address)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny")
+    metadata = client.get_model_metadata("tiny")
+    assert metadata.inputs[0].name == "images" and metadata.inputs[0].datatype == "UINT8"
+    assert list(metadata.outputs[0].shape) == [-1, 10]
+
+    images = np.random.default_rng(5).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    expected = reference_logits(spec, images)
+    tensor = triton.InferInput("images", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    result = client.infer("tiny", [tensor], request_id="t-1")
+    assert result.get_response().id == "t-1"
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
+    print("raw infer: ok")
+
+    result = client.infer(
+        "tiny", [tensor], outputs=[triton.InferRequestedOutput("logits", class_count=3)]
+    )
+    top = result.as_numpy("logits")
+    assert top.shape == (4, 3), top.shape
+    for row in range(4):
+        best = np.argsort(-expected[row], kind="stable")[:3]
+        parsed = [entry.decode().split(":", 2) for entry in top[row]]
+        assert [int(index) for _, index, _ in parsed] == list(best)
+        assert [label for _, _, label in parsed] == [spec.labels[i] for i in best]
+        np.testing.assert_allclose([float(s) for s, _, _ in parsed], expected[row, best], atol=1e-5)
+    print("classification extension: ok")
+
+    # tritonclient always sends raw contents; typed `contents` go through its own messages.
+    request = service_pb2.ModelInferRequest(model_name="tiny")
+    typed = request.inputs.add(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
+    typed.contents.uint_contents.extend(images[:1].ravel().tolist())
+    with grpc.insecure_channel(address) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    logits = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(1, 10)
+    np.testing.assert_allclose(logits, expected[:1], atol=1e-5)
+    print("typed contents: ok")
+
+    wrong = triton.InferInput("images", [1, 1, 28, 28], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    try:
+        client.infer("tiny", [wrong])
+    except InferenceServerException as error:
+        assert "INVALID_ARGUMENT" in str(error.status()), error.status()
+        assert "expects one input: images UINT8" in error.message()
+    else:
+        raise AssertionError("FP32 input was accepted")
+    print("errors: ok")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--descriptor", type=Path, required=True)
+    args = parser.parse_args()
+    assert "service._proto.grpc_service_pb2" not in sys.modules
+    check_wire_compatibility(args.descriptor)
+    check_client(args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
