@@ -272,8 +272,9 @@ class NginxProcess(ManagedProcess):
         done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=30)
         return done.returncode, done.stdout + done.stderr
 
-    def start(self, backends: Sequence[str]) -> NginxProcess:
-        template = NGINX_TEMPLATE.read_text()
+    def start(self, backends: Sequence[str], template: str | None = None) -> NginxProcess:
+        """Starts nginx on the shipped template (or `template`) with these backends."""
+        template = NGINX_TEMPLATE.read_text() if template is None else template
         for _attempt in range(3):
             self.port = free_port()
             conf = self.workdir / "nginx.conf"

@@ -16,7 +16,12 @@ from tests.deploy.tools import REPO_ROOT
 BASE = REPO_ROOT / "docker-compose.yml"
 GPU = REPO_ROOT / "docker-compose.gpu.yml"
 SCALE = REPO_ROOT / "docker-compose.scale.yml"
-VARIANTS = {"base": [BASE], "gpu": [BASE, GPU], "scale": [BASE, SCALE], "gpu+scale": [BASE, GPU, SCALE]}  # fmt: skip
+VARIANTS = {
+    "base": [BASE],
+    "gpu": [BASE, GPU],
+    "scale": [BASE, SCALE],
+    "gpu+scale": [BASE, GPU, SCALE],
+}
 
 
 def config(compose: Path, *files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -64,19 +69,27 @@ def test_monitoring_state_lives_in_named_volumes(compose: Path) -> None:
         assert mounts[target]["source"] in model["volumes"]
     prometheus = {m["target"]: m["source"] for m in model["services"]["prometheus"]["volumes"]}
     assert Path(prometheus["/etc/prometheus"]) == REPO_ROOT / "deploy" / "prometheus"
-    assert "--config.file=/etc/prometheus/prometheus.yml" in model["services"]["prometheus"]["command"]  # fmt: skip
+    assert (
+        "--config.file=/etc/prometheus/prometheus.yml" in model["services"]["prometheus"]["command"]
+    )
 
 
 def test_grafana_credentials_come_from_the_environment(compose: Path) -> None:
     default = config(compose, BASE)["services"]["grafana"]["environment"]
-    assert (default["GF_SECURITY_ADMIN_USER"], default["GF_SECURITY_ADMIN_PASSWORD"]) == ("admin", "admin")  # fmt: skip
+    assert (default["GF_SECURITY_ADMIN_USER"], default["GF_SECURITY_ADMIN_PASSWORD"]) == (
+        "admin",
+        "admin",
+    )
     chosen = config(compose, BASE, env={"GRAFANA_ADMIN_PASSWORD": "s3cret"})
     assert chosen["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
 
 
 def test_ports_are_published_on_loopback_unless_asked(compose: Path) -> None:
     ports = config(compose, BASE)["services"]["server"]["ports"]
-    assert {(p["host_ip"], p["target"]) for p in ports} == {("127.0.0.1", 8001), ("127.0.0.1", 8002)}  # fmt: skip
+    assert {(p["host_ip"], p["target"]) for p in ports} == {
+        ("127.0.0.1", 8001),
+        ("127.0.0.1", 8002),
+    }
     opened = config(compose, BASE, env={"CONVSERVE_BIND_ADDRESS": "0.0.0.0"})
     assert {p["host_ip"] for p in opened["services"]["server"]["ports"]} == {"0.0.0.0"}
 
@@ -125,4 +138,6 @@ def test_an_unpinned_image_fails_the_policy(compose: Path, tmp_path: Path) -> No
     unpinned = tmp_path / "docker-compose.yml"
     unpinned.write_text(BASE.read_text().replace("grafana/grafana:11.4.0", "grafana/grafana"))
     model = config(compose, unpinned)
-    assert compose_policy(model) == ["service grafana: image 'grafana/grafana' is not pinned to an exact tag"]  # fmt: skip
+    assert compose_policy(model) == [
+        "service grafana: image 'grafana/grafana' is not pinned to an exact tag"
+    ]

@@ -64,8 +64,11 @@ def test_kustomizations_list_existing_files() -> None:
 def test_variant_wires_deployment_service_autoscaler_and_budget(variant: str) -> None:
     kinds = by_kind(render(K8S / variant))
     assert sorted(kinds) == [
-        "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
-    ]  # fmt: skip
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+    ]
     (deployment,) = kinds["Deployment"]
     pod = deployment["spec"]["template"]
     assert deployment["spec"]["selector"]["matchLabels"] == LABELS
@@ -117,8 +120,16 @@ def test_gpu_variant_requests_a_gpu_and_cuda() -> None:
 def differences(a: Any, b: Any, path: str = "") -> list[str]:
     """Paths where two parsed manifests differ (lists of named items are matched by name)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [p for key in a.keys() | b.keys() for p in differences(a.get(key), b.get(key), f"{path}.{key}")]  # fmt: skip
-    if isinstance(a, list) and isinstance(b, list) and all(isinstance(i, dict) and "name" in i for i in a + b):  # fmt: skip
+        return [
+            p
+            for key in a.keys() | b.keys()
+            for p in differences(a.get(key), b.get(key), f"{path}.{key}")
+        ]
+    if (
+        isinstance(a, list)
+        and isinstance(b, list)
+        and all(isinstance(i, dict) and "name" in i for i in a + b)
+    ):
         return differences({i["name"]: i for i in a}, {i["name"]: i for i in b}, path)
     return [] if a == b else [path]
 

@@ -57,7 +57,10 @@ def test_kubernetes_scrape_config_is_valid(promtool: Path, tmp_path: Path) -> No
         path.write_text(yaml.safe_dump(config))
         result = run_tool([promtool, "check", "config", path])
     assert result.ok, result.output
-    labels = {r.get("target_label") for r in yaml.safe_load(path.read_text())["scrape_configs"][0]["relabel_configs"]}  # fmt: skip
+    labels = {
+        r.get("target_label")
+        for r in yaml.safe_load(path.read_text())["scrape_configs"][0]["relabel_configs"]
+    }
     assert {"namespace", "pod"} <= labels, "the Prometheus adapter rules need namespace and pod"
 
 
@@ -119,7 +122,7 @@ def test_a_changed_threshold_fails_the_unit_tests(promtool: Path, tmp_path: Path
     (tmp_path / "alerts.yml").write_text(
         ALERTS.read_text().replace(
             "expr: convserve_provider_fallback > 0", "expr: convserve_provider_fallback > 1"
-        )  # fmt: skip
+        )
     )
     (tmp_path / "alerts_test.yml").write_text(ALERT_TESTS.read_text())
     result = run_tool([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path)

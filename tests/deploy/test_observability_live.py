@@ -1,0 +1,156 @@
+"""The dashboard and the alerts against real data: the service and Prometheus on loopback.
+
+One module-scoped stack: the service on the tiny test model, a Prometheus scraping it every
+second with the shipped alert rules loaded, and three waves of good and bad calls. Then every
+panel's PromQL (Grafana's macros and $model substituted) must return data, and every alert
+expression must evaluate and read only metrics the live scrape has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.deploy.checks import (
+    metric_names,
+    panel_queries,
+    prometheus_query,
+    query_problems,
+    substitute_variables,
+)
+from tests.deploy.processes import (
+    PrometheusProcess,
+    ServiceProcess,
+    http_get,
+    send_traffic,
+    wait_for,
+)
+from tests.deploy.test_k8s import adapter_rules
+from tests.deploy.test_prometheus import ALERTS, alert_rules, documented_metrics
+from tests.deploy.tools import DEPLOY, run_tool
+
+pytestmark = [pytest.mark.live, pytest.mark.slow]
+
+DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "convserve.json").read_text())
+PANEL_QUERIES = panel_queries(DASHBOARD)
+VARIABLES = {"model": "tiny"}
+
+
+@dataclass
+class Stack:
+    service: ServiceProcess
+    prometheus: PrometheusProcess
+    traffic: dict[str, Any]
+
+    def scalar(self, expr: str) -> float | None:
+        answer = prometheus_query(self.prometheus.url, expr)
+        result = answer["data"]["result"] if answer.get("status") == "success" else []
+        return float(result[0]["value"][1]) if result else None
+
+    def live_metric_names(self) -> set[str]:
+        answer = json.loads(http_get(f"{self.prometheus.url}/api/v1/label/__name__/values"))
+        return set(answer["data"])
+
+
+@pytest.fixture(scope="module")
+def stack(
+    service_available: None,
+    prometheus_bin: Path,
+    tiny_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("observability")
+    service = ServiceProcess("server", workdir, tiny_repository)
+    prometheus = PrometheusProcess(prometheus_bin, workdir)
+    try:
+        service.start().wait_ready()
+        rules = shutil.copy(ALERTS, workdir / "alerts.yml")
+        prometheus.start([f"127.0.0.1:{service.metrics_port}"], [Path(rules)])
+        live = Stack(service, prometheus, {})
+        wait_for(lambda: live.scalar('up{job="convserve"}') == 1, 20, "the first scrape")
+        # Waves a second apart: the rates see several scrapes with traffic in them.
+        live.traffic = send_traffic(service.grpc_address, waves=3, gap_s=1.0)
+        sent = sum(live.traffic["codes"].values())
+        wait_for(
+            lambda: live.scalar("sum(convserve_requests_total)") == sent,
+            20,
+            f"Prometheus to scrape all {sent} calls",
+            poll_s=0.3,
+        )
+        yield live
+    finally:
+        prometheus.stop()
+        service.stop()
+
+
+def test_traffic_has_successes_and_errors(stack: Stack) -> None:
+    codes = stack.traffic["codes"]
+    assert codes["OK"] == 3 * (20 + 5)
+    assert codes["INVALID_ARGUMENT"] == 3 * 2 * 2 and codes["NOT_FOUND"] == 3 * 2
+
+
+@pytest.mark.parametrize("query", PANEL_QUERIES, ids=[q.id for q in PANEL_QUERIES])
+def test_panel_query_returns_data(stack: Stack, query: Any) -> None:
+    expr = substitute_variables(query.expr, VARIABLES)
+    assert query_problems(stack.prometheus.url, expr) == []
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=[r["alert"] for r in alert_rules()])
+def test_alert_expression_evaluates_on_live_metrics(stack: Stack, rule: dict[str, Any]) -> None:
+    assert query_problems(stack.prometheus.url, rule["expr"], need_data=False) == []
+    assert metric_names(rule["expr"]) - stack.live_metric_names() == set()
+
+
+def test_alert_rules_are_healthy_and_quiet_on_a_healthy_server(stack: Stack) -> None:
+    def rules() -> list[dict[str, Any]]:
+        answer = json.loads(http_get(f"{stack.prometheus.url}/api/v1/rules"))
+        return [rule for group in answer["data"]["groups"] for rule in group["rules"]]
+
+    # Before its first evaluation a rule reports Go's zero time.
+    wait_for(lambda: all(r["lastEvaluation"] > "0001-01-02" for r in rules()), 10, "evaluation")
+    loaded = rules()
+    assert len(loaded) == len(alert_rules())
+    assert [(r["name"], r.get("lastError")) for r in loaded if r["health"] != "ok"] == []
+    # Client errors (INVALID_ARGUMENT, NOT_FOUND) do not count towards the error ratio.
+    assert [r["name"] for r in loaded if r["state"] != "inactive"] == []
+
+
+def test_adapter_query_returns_a_value_per_server(stack: Stack) -> None:
+    for rule in adapter_rules():
+        series = re.match(r"(\w+)", rule["seriesQuery"].strip("'\""))
+        assert series
+        expr = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series[1])
+            .replace("<<.LabelMatchers>>", 'job="convserve"')
+            .replace("<<.GroupBy>>", "instance")
+        )
+        assert query_problems(stack.prometheus.url, expr) == []
+
+
+def test_live_metrics_pass_promtool_check_metrics(stack: Stack, promtool: Path) -> None:
+    result = run_tool([promtool, "check", "metrics"], stdin=http_get(stack.service.metrics_url))
+    assert result.ok and result.output == "", result.output
+
+
+def test_every_documented_metric_is_exposed(stack: Stack) -> None:
+    live = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in stack.live_metric_names()}
+    assert documented_metrics() - live == set()
+
+
+def test_a_broken_dashboard_query_fails_the_check(stack: Stack) -> None:
+    (query,) = [q for q in PANEL_QUERIES if q.panel == "Throughput: images/s"]
+    expr = substitute_variables(query.expr, VARIABLES)
+    misspelled = expr.replace("convserve_images_total", "convserve_image_total")
+    assert query_problems(stack.prometheus.url, misspelled) == [f"{misspelled!r}: no data"]
+    (problem,) = query_problems(stack.prometheus.url, expr.replace("sum by", "sum bye"))
+    assert "bad_data" in problem
+    with pytest.raises(KeyError, match=r"\$modle"):
+        substitute_variables(query.expr.replace("$model", "$modle"), VARIABLES)
