@@ -1,0 +1,341 @@
+"""The command line: ``python -m training {train,evaluate,export-arch} --help``.
+
+- ``python -m training train --repository model_repository --model-name mnist_cnn``
+- ``python -m training evaluate --model model_repository/mnist_cnn/1``
+- ``python -m training export-arch resnet18 --num-classes 10 --input-size 32 --channels 3
+  --repository model_repository --model-name resnet18``
+
+Heavy modules (torch, onnx) are imported inside the commands, so ``--help`` and
+``train --if-missing`` on an existing model answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from training.data import DATASETS, DEFAULT_DATA_DIR, DataConfig
+from training.errors import ConfigError, TrainingError
+from training.model_config import ACTIVATIONS, HEADS, POOLINGS, PRESETS, preset_help
+
+logger = logging.getLogger(__name__)
+
+
+def _blocks(text: str) -> tuple[tuple[int, ...], ...]:
+    """``32,32/64,64`` -> ((32, 32), (64, 64)): '/' between blocks, ',' between convolutions."""
+    try:
+        return tuple(tuple(int(c) for c in block.split(",")) for block in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --blocks '{text}': write conv widths like 32,32/64,64/128"
+        ) from None
+
+
+def _units(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(u) for u in text.split(",") if u.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid --hidden '{text}': e.g. 256,128") from None
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    # evaluate passes defaults=False: what it does not override comes from the model's metadata.
+    d = DataConfig() if defaults else None
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        default=d and d.dataset,
+        help=f"one of: {', '.join(DATASETS)} (default: mnist5k, embedded)",
+    )
+    group.add_argument(
+        "--data-dir",
+        default=d and d.data_dir,
+        help=f"public data set folder or ImageFolder root (default: {DEFAULT_DATA_DIR})",
+    )
+    group.add_argument(
+        "--download",
+        action="store_true",
+        help="let torchvision download mnist, fashion-mnist or cifar10",
+    )
+    group.add_argument(
+        "--split-seed",
+        type=int,
+        default=d and d.split_seed,
+        help="seed of the stratified train/val/test split (default: 0)",
+    )
+    group.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="use at most this many images (stratified), for quick runs",
+    )
+    if defaults:
+        group.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
+        group.add_argument(
+            "--test-fraction",
+            type=float,
+            default=DataConfig.test_fraction,
+            help="test share for mnist5k and imagefolder (default: 0.2)",
+        )
+        group.add_argument(
+            "--image-size",
+            type=int,
+            default=None,
+            help="imagefolder: resize to this square size (default: 28 for grayscale, 32 for RGB)",
+        )
+        group.add_argument("--color-mode", default="auto", help="imagefolder: auto, L or RGB")
+        group.add_argument(
+            "--skip-bad-images",
+            action="store_true",
+            help="imagefolder: skip (and count) files that do not decode instead of failing",
+        )
+
+
+def _add_train_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a CNN and export it as the next version",
+        description="Train a CNN, export it to ONNX and write it into the model repository as "
+        "the next version, with a report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--preset",
+        default="auto",
+        help=f"auto (small for grayscale, deep for RGB) or {preset_help()}",
+    )
+    model.add_argument("--blocks", type=_blocks, help="conv widths per block, e.g. 32,32/64,64")
+    model.add_argument("--kernel-size", type=int, help="3 or 5")
+    model.add_argument("--activation", help=", ".join(ACTIVATIONS))
+    model.add_argument("--no-batch-norm", dest="batch_norm", action="store_const", const=False)
+    model.add_argument("--pooling", help=", ".join(POOLINGS))
+    model.add_argument("--head", help=", ".join(HEADS))
+    model.add_argument(
+        "--hidden", type=_units, help="hidden dense widths, e.g. 256,128 ('' for none)"
+    )
+    model.add_argument("--dropout", type=float)
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: the preset's ("
+        + ", ".join(f"{n} {p.epochs}" for n, p in PRESETS.items())
+        + ")",
+    )
+    optim.add_argument("--batch-size", type=int, default=64)
+    optim.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    optim.add_argument("--optimizer", default="adamw", help="adamw, adam or sgd")
+    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+    optim.add_argument("--schedule", default="onecycle", help="onecycle, cosine, step, constant")
+    optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument(
+        "--augment",
+        default="affine",
+        help="none, affine (small rotation/scale/shift) or affine-hflip",
+    )
+    optim.add_argument("--seed", type=int, default=0, help="seed of weights, batches, augmentation")
+    optim.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    out = parser.add_argument_group("output")
+    out.add_argument("--repository", default="model_repository")
+    out.add_argument("--model-name", default="mnist_cnn")
+    out.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing (exit 0) when the repository already has a version",
+    )
+    out.add_argument(
+        "--checkpoint-dir",
+        default="runs",
+        help="checkpoints go to <dir>/<model-name>/last.pt and best.pt",
+    )
+    out.add_argument("--resume", default=None, help="continue from this last.pt")
+    out.add_argument("--no-report", dest="report", action="store_false")
+    out.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train a CNN classifier, export it to ONNX, write it into a model repository.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(subparsers)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="accuracy of an exported model (ONNX Runtime) on the test split",
+        description="Run an exported model through ONNX Runtime on the test split of the data "
+        "set it was trained on (from its metadata, unless overridden).",
+    )
+    evaluate.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="model.onnx, a version dir, or a model dir (latest version)",
+    )
+    _add_data_arguments(evaluate, defaults=False)
+
+    arch = subparsers.add_parser(
+        "export-arch",
+        help="export an untrained torchvision architecture (e.g. resnet18) into the repository",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    arch.add_argument("architecture", help="resnet18, resnet34 or resnet50")
+    arch.add_argument("--num-classes", type=int, default=10)
+    arch.add_argument("--input-size", type=int, default=32)
+    arch.add_argument("--channels", type=int, default=3, help="1 (grayscale) or 3 (RGB)")
+    arch.add_argument("--repository", default="model_repository")
+    arch.add_argument("--model-name", default=None, help="default: the architecture's name")
+    arch.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    from training.train import TrainConfig
+
+    overrides = {
+        "blocks": args.blocks,
+        "kernel_size": args.kernel_size,
+        "activation": args.activation,
+        "batch_norm": args.batch_norm,
+        "pooling": args.pooling,
+        "head": args.head,
+        "hidden_units": args.hidden,
+        "dropout": args.dropout,
+    }
+    image_size = args.image_size
+    if image_size is None and args.preset in PRESETS:
+        image_size = PRESETS[args.preset].config.image_size
+    data = DataConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        image_size=image_size,
+        color_mode=args.color_mode,
+        skip_bad_images=args.skip_bad_images,
+        max_samples=args.max_samples,
+    )
+    return TrainConfig(
+        data=data,
+        preset=args.preset,
+        model_overrides={k: v for k, v in overrides.items() if v is not None},
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        augment=args.augment,
+        seed=args.seed,
+        device=args.device,
+        repository=args.repository,
+        model_name=args.model_name,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        report=args.report,
+        progress=args.progress,
+    )
+
+
+def _run_train(args: argparse.Namespace, started: float) -> int:
+    from training.repository import check_model_name, latest_version
+
+    check_model_name(args.model_name)
+    if args.if_missing:
+        latest = latest_version(Path(args.repository) / args.model_name)
+        if latest is not None:
+            print(
+                f"{args.repository}/{args.model_name} already has version {latest}; "
+                f"nothing to do (--if-missing)"
+            )
+            return 0
+    from training.train import main as train_main
+
+    published = train_main(train_config(args))
+    print(f"wrote version {published.version}: {published.path}")
+    if published.evaluation is not None:
+        print(f"test accuracy (ONNX Runtime): {published.evaluation.accuracy:.4f}")
+    print(f"wall time: {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from training.data import load_data
+    from training.onnx_eval import evaluate_onnx, read_metadata, training_arguments
+    from training.repository import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    metadata = read_metadata(path)
+    stored = training_arguments(metadata).get("data", {})
+    if not stored and args.dataset is None:
+        raise ConfigError(f"'{path}' has no training metadata; pass --dataset (and --data-dir)")
+    values = {**stored, "download": args.download}
+    for key in ("dataset", "data_dir", "split_seed", "max_samples"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    dataset = load_data(DataConfig(**values))
+    evaluation = evaluate_onnx(path, dataset.test.images, dataset.test.labels, len(dataset.classes))
+    print(f"model: {path}")
+    print(f"data: {dataset.summary()} (test split)")
+    if json.loads(metadata.get("convserve.labels") or "[]") not in ([], dataset.classes):
+        print("note: the model's labels differ from the data set's class names")
+    print(evaluation.to_text(dataset.classes))
+    return 0
+
+
+def _run_export_arch(args: argparse.Namespace, started: float) -> int:
+    from training.arch import export_architecture
+
+    published = export_architecture(
+        args.architecture,
+        num_classes=args.num_classes,
+        input_size=args.input_size,
+        channels=args.channels,
+        repository=Path(args.repository),
+        model_name=args.model_name or args.architecture,
+        seed=args.seed,
+    )
+    print(f"wrote version {published.version}: {published.path}")
+    print(f"wall time: {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training ...``; returns the exit status (2 for a usage or data problem)."""
+    started = time.monotonic()
+    args = get_args_parser().parse_args(argv)
+    # Our progress at INFO; other libraries (the ONNX exporter, matplotlib) only when they warn.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("training").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        if args.command == "train":
+            return _run_train(args, started)
+        if args.command == "evaluate":
+            return _run_evaluate(args)
+        return _run_export_arch(args, started)
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.command == "train":
+            hint = Path(args.checkpoint_dir) / args.model_name / "last.pt"
+            print(f"interrupted; continue with --resume {hint}", file=sys.stderr)
+        return 130

@@ -1,0 +1,125 @@
+"""Writing versions into the model repository (docs/model-repository.md), never overwriting one.
+
+A version is prepared completely in ``<model>/.tmp-<random>/`` and then published by one
+rename to ``<model>/<N>/`` with ``N = max(existing) + 1``. The rename must fail if ``N`` exists:
+plain ``rename(2)`` silently replaces an existing *empty* directory, so on Linux the rename is
+``renameat2(RENAME_NOREPLACE)``. Where that call is missing, an existence check comes first and
+``rename(2)`` still refuses any non-empty directory (every published version is non-empty).
+If ``N`` was taken meanwhile (another trainer won the race), the next number is tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from training.errors import RepositoryError
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+TMP_PREFIX = ".tmp-"
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_MAX_ATTEMPTS = 100
+
+
+def check_model_name(name: str) -> None:
+    if not MODEL_NAME.fullmatch(name):
+        raise RepositoryError(
+            f"invalid model name '{name}': use letters, digits, '_', '.' and '-', "
+            f"not starting with '.' or '-' (e.g. mnist_cnn)"
+        )
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The published versions of a model, ascending; non-integer entries are ignored."""
+    if not model_dir.is_dir():
+        return []
+    found = []
+    for entry in model_dir.iterdir():
+        if entry.name.isdigit() and entry.is_dir() and int(entry.name) > 0:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def latest_version(model_dir: Path) -> int | None:
+    published = versions(model_dir)
+    return published[-1] if published else None
+
+
+@contextlib.contextmanager
+def staging_directory(model_dir: Path) -> Iterator[Path]:
+    """A fresh ``.tmp-*`` directory inside the model directory, removed unless published."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _rename_noreplace(source: Path, target: Path) -> None:
+    """``rename`` that raises FileExistsError when ``target`` exists (even as an empty dir)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        result = renameat2(
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise FileExistsError(code, os.strerror(code), str(target))
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(target))
+    # No RENAME_NOREPLACE here: rename(2) still fails on any non-empty directory.
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.rename(source, target)
+
+
+def publish(staging: Path, model_dir: Path) -> tuple[int, Path]:
+    """Renames a complete staging directory to the next free version; returns (N, path)."""
+    for _ in range(_MAX_ATTEMPTS):
+        existing = versions(model_dir)
+        number = existing[-1] + 1 if existing else 1
+        while (model_dir / str(number)).exists():  # e.g. an empty or stray directory
+            number += 1
+        target = model_dir / str(number)
+        try:
+            _rename_noreplace(staging, target)
+        except FileExistsError:
+            logger.info("version %d was taken meanwhile; trying the next one", number)
+            continue
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                continue
+            raise RepositoryError(f"cannot publish '{staging}' as '{target}': {error}") from error
+        logger.info("published %s", target)
+        return number, target
+    raise RepositoryError(f"no free version number in '{model_dir}' after {_MAX_ATTEMPTS} tries")
+
+
+def resolve_model_path(path: Path) -> Path:
+    """``model.onnx`` from a file, a version directory, or a model directory (latest version)."""
+    if path.is_file():
+        return path
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    latest = latest_version(path)
+    if latest is not None:
+        return path / str(latest) / "model.onnx"
+    raise RepositoryError(
+        f"no model at '{path}': give a model.onnx file, a version directory "
+        f"(<repository>/<model>/<N>) or a model directory (<repository>/<model>, latest version)"
+    )

@@ -1,0 +1,293 @@
+"""Training: :class:`TrainConfig`, the epoch loop with checkpoints (:func:`fit`), and
+:func:`main`, which goes data -> CNN -> training -> ONNX export -> model repository + report.
+
+``python -m training train --repository model_repository --model-name mnist_cnn``
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import checkpoint as ckpt
+from training.augment import make_augment
+from training.data import DataConfig, Dataset, channel_stats, load_data
+from training.engine import (
+    evaluate,
+    make_deterministic,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    seeded_generator,
+    train_one_epoch,
+)
+from training.errors import ConfigError
+from training.model import ImageClassifier, build_classifier
+from training.model_config import PRESETS, ModelConfig, resolve_config
+from training.publish import PublishedVersion, publish_classifier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The arguments of one run; stored in every checkpoint and in ``convserve.training``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which images, and how they are split."""
+    preset: str = "auto"
+    """Architecture preset (see PRESETS); auto: small for grayscale, deep for RGB."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that replace the preset's (e.g. blocks, dropout)."""
+    epochs: int | None = None
+    """Epochs to train; None: the preset's number."""
+    batch_size: int = 64
+    """Images per optimiser step."""
+    lr: float = 3e-3
+    """Peak learning rate (the one-cycle maximum)."""
+    optimizer: str = "adamw"
+    """adamw, adam or sgd (Nesterov momentum)."""
+    weight_decay: float = 0.05
+    """Weight decay (decoupled for AdamW)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    schedule: str = "onecycle"
+    """Learning-rate schedule per batch: onecycle, cosine, step (x0.1 at 50% and 75%), constant."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the training loss."""
+    augment: str = "affine"
+    """none, affine (rotation/scale/shift, for digits) or affine-hflip (adds mirroring)."""
+    seed: int = 0
+    """Seed of the weights, the batch order, the augmentation and dropout."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    repository: str = "model_repository"
+    """The model repository to write the new version into."""
+    model_name: str = "mnist_cnn"
+    """The model's directory inside the repository."""
+    checkpoint_dir: str = "runs"
+    """Checkpoints go to <checkpoint_dir>/<model_name>/{last,best}.pt."""
+    resume: str | None = None
+    """A last.pt to continue from (its data, model and optimiser settings are used)."""
+    report: bool = True
+    """Write <version>/report/ (figures and index.md)."""
+    progress: bool = True
+    """Show a tqdm progress bar per epoch."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in values.items() if k in known}
+        kept["data"] = DataConfig(**values.get("data", {}))
+        return cls(**kept)
+
+    def resolved_epochs(self) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return PRESETS[self.preset].epochs if self.preset in PRESETS else PRESETS["small"].epochs
+
+
+def resumed_config(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
+    """A resumed run keeps its own data/model/optimiser settings; where it goes comes from CLI."""
+    epochs = stored.resolved_epochs()
+    if given.epochs is not None and given.epochs != epochs and stored.schedule != "constant":
+        raise ConfigError(
+            f"the checkpoint's run was planned for {epochs} epochs and its '{stored.schedule}' "
+            f"schedule cannot be stretched to {given.epochs}; resume without --epochs, or "
+            f"start a new run"
+        )
+    return replace(
+        stored,
+        epochs=given.epochs if given.epochs is not None else epochs,
+        device=given.device,
+        repository=given.repository,
+        model_name=given.model_name,
+        checkpoint_dir=given.checkpoint_dir,
+        resume=given.resume,
+        report=given.report,
+        progress=given.progress,
+    )
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float
+    best_state: dict[str, torch.Tensor]
+
+
+def _cpu_copy(classifier: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+
+
+def fit(
+    classifier: ImageClassifier,
+    dataset: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    checkpoint_dir: Path,
+    resume_state: dict[str, Any] | None = None,
+) -> FitResult:
+    """Trains for the planned epochs, validating after each; keeps the best weights."""
+    epochs = config.resolved_epochs()
+    loader_generator = seeded_generator(config.seed)
+    augment_generator = seeded_generator(config.seed + 1)
+    loader = make_loader(
+        dataset.train.images, dataset.train.labels, config.batch_size, loader_generator
+    )
+    optimizer = make_optimizer(
+        classifier, config.optimizer, config.lr, config.weight_decay, config.momentum
+    )
+    scheduler = make_scheduler(optimizer, config.schedule, config.lr, epochs * len(loader))
+    augment = make_augment(config.augment)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "model": _cpu_copy(classifier)}
+    first_epoch = 1
+    if resume_state is not None:
+        classifier.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        history = list(resume_state["history"])
+        best = resume_state["best"]
+        first_epoch = int(resume_state["epoch"]) + 1
+        ckpt.restore_rng_state(resume_state["rng"], loader_generator, augment_generator)
+        logger.info("resuming after epoch %d of %d", first_epoch - 1, epochs)
+    for epoch in range(first_epoch, epochs + 1):
+        started = time.monotonic()
+        trained = train_one_epoch(
+            classifier,
+            loader,
+            optimizer,
+            scheduler,
+            device,
+            augment,
+            augment_generator,
+            config.label_smoothing,
+            f"epoch {epoch}/{epochs}",
+            config.progress,
+        )
+        validated = evaluate(classifier, dataset.val.images, dataset.val.labels, device)
+        row = {
+            "epoch": epoch,
+            "train_loss": trained.loss,
+            "train_accuracy": trained.accuracy,
+            "val_loss": validated.loss,
+            "val_accuracy": validated.accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.monotonic() - started,
+        }
+        history.append(row)
+        logger.info(
+            "epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
+            epoch,
+            epochs,
+            trained.loss,
+            trained.accuracy,
+            validated.loss,
+            validated.accuracy,
+            row["seconds"],
+        )
+        identity = {
+            "config": config.to_dict(),
+            "model_config": classifier.convnet.config.to_dict(),
+            "classes": dataset.classes,
+            "color_mode": dataset.color_mode,
+        }
+        if validated.accuracy > best["val_accuracy"]:
+            best = {
+                "epoch": epoch,
+                "val_accuracy": validated.accuracy,
+                "model": _cpu_copy(classifier),
+            }
+            ckpt.save_checkpoint(
+                {**identity, "epoch": epoch, "model": best["model"]}, checkpoint_dir / ckpt.BEST
+            )
+        ckpt.save_checkpoint(
+            {
+                **identity,
+                "epoch": epoch,
+                "model": _cpu_copy(classifier),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best": best,
+                "rng": ckpt.rng_state(loader_generator, augment_generator),
+            },
+            checkpoint_dir / ckpt.LAST,
+        )
+    return FitResult(history, int(best["epoch"]), float(best["val_accuracy"]), best["model"])
+
+
+def resolve_model_config(config: TrainConfig, dataset: Dataset) -> ModelConfig:
+    preset = config.preset
+    if preset == "auto":
+        preset = "small" if dataset.channels == 1 else "deep"
+    return resolve_config(
+        preset,
+        **{
+            **config.model_overrides,
+            "in_channels": dataset.channels,
+            "image_size": dataset.image_size,
+            "num_classes": len(dataset.classes),
+        },
+    )
+
+
+def main(config: TrainConfig) -> PublishedVersion:
+    """Trains, exports and publishes one new version; returns where it went."""
+    started = time.monotonic()
+    resume_state = None
+    if config.resume:
+        resume_state = ckpt.load_checkpoint(Path(config.resume))
+        config = resumed_config(TrainConfig.from_dict(resume_state["config"]), config)
+    make_deterministic(config.seed)
+    device = resolve_device(config.device)
+    dataset = load_data(config.data)
+    logger.info("data: %s", dataset.summary())
+    model_config = resolve_model_config(config, dataset)
+    mean, std = channel_stats(dataset.train.images)
+    classifier = build_classifier(model_config, mean, std).to(device)
+    logger.info("model: %s on %s", model_config, device)
+    result = fit(
+        classifier,
+        dataset,
+        config,
+        device,
+        Path(config.checkpoint_dir) / config.model_name,
+        resume_state,
+    )
+    classifier.load_state_dict(result.best_state)
+    training_record = {
+        **config.to_dict(),
+        "epochs": config.resolved_epochs(),
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": round(result.best_val_accuracy, 6),
+        "train_seconds": round(time.monotonic() - started, 1),
+        "device": str(device),
+        "split_sizes": {
+            "train": len(dataset.train),
+            "val": len(dataset.val),
+            "test": len(dataset.test),
+        },
+        "skipped_files": len(dataset.skipped_files),
+        "torch": torch.__version__,
+    }
+    return publish_classifier(
+        classifier,
+        dataset,
+        training_record,
+        Path(config.repository),
+        config.model_name,
+        history=result.history,
+        write_report=config.report,
+    )
