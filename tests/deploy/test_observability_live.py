@@ -8,9 +8,11 @@ expression must evaluate and read only metrics the live scrape has.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,11 @@ from tests.deploy.checks import (
     query_problems,
     substitute_variables,
 )
+from tests.deploy.conftest import missing
 from tests.deploy.processes import (
     PrometheusProcess,
     ServiceProcess,
+    free_port,
     http_get,
     send_traffic,
     wait_for,
@@ -154,3 +158,24 @@ def test_a_broken_dashboard_query_fails_the_check(stack: Stack) -> None:
     assert "bad_data" in problem
     with pytest.raises(KeyError, match=r"\$modle"):
         substitute_variables(query.expr.replace("$model", "$modle"), VARIABLES)
+
+
+def test_kubernetes_grpc_probe_sees_serving(stack: Stack) -> None:
+    """Kubernetes' native gRPC probe calls grpc.health.v1 Check with an empty service name."""
+    grpc = pytest.importorskip("grpc")
+    health_pb2 = pytest.importorskip("grpc_health.v1.health_pb2")
+    health_pb2_grpc = pytest.importorskip("grpc_health.v1.health_pb2_grpc")
+    with grpc.insecure_channel(stack.service.grpc_address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_docker_healthcheck_command_tells_serving_from_down(stack: Stack) -> None:
+    """The HEALTHCHECK of the server images and of docker-compose.yml, run for real."""
+    if importlib.util.find_spec("service.client") is None:
+        missing("service.client (the HEALTHCHECK command)", "it is part of this repository")
+    command = [sys.executable, "-m", "service.client", "health", "--address"]
+    assert run_tool([*command, stack.service.grpc_address], timeout_s=30).ok
+    nobody = f"127.0.0.1:{free_port()}"
+    assert not run_tool([*command, nobody], timeout_s=30).ok
