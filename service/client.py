@@ -1,0 +1,189 @@
+"""Command-line client for a convserve server.
+
+    python -m service.client health --address 127.0.0.1:8001      # exit 0 iff SERVING
+    python -m service.client metadata [--model mnist_cnn]
+    python -m service.client classify digit.png cat.jpg [--top-k 3] [--model mnist_cnn] [--json]
+    python -m service.client infer --random 4 [--classification 3]  # raw tensor via ModelInfer
+    python -m service.client infer --input batch.npy [--output logits.npy]
+
+`--address` defaults to $CONVSERVE_ADDRESS, else 127.0.0.1:8001. Exit status: 0 on success,
+1 when the server answers with an error or cannot be reached, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto import classification_pb2 as cls_pb2
+from service._proto import classification_pb2_grpc as cls_grpc
+from service._proto import grpc_service_pb2 as pb2
+from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from service.converters import NUMPY_DTYPES, deserialize_bytes
+
+DEFAULT_ADDRESS = "127.0.0.1:8001"
+
+
+def health(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(name)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def metadata(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+    server = stub.ServerMetadata(pb2.ServerMetadataRequest(), timeout=args.timeout)
+    ready = stub.ServerReady(pb2.ServerReadyRequest(), timeout=args.timeout).ready
+    print(
+        f"server: {server.name} {server.version} ready={ready} extensions={list(server.extensions)}"
+    )
+    model = stub.ModelMetadata(pb2.ModelMetadataRequest(name=args.model), timeout=args.timeout)
+    print(f"model: {model.name} versions={list(model.versions)} platform={model.platform}")
+    for kind, tensors in (("input", model.inputs), ("output", model.outputs)):
+        for tensor in tensors:
+            print(f"  {kind} {tensor.name} {tensor.datatype} {list(tensor.shape)}")
+    return 0
+
+
+def classify(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    images = [Path(path).read_bytes() for path in args.images]
+    request = cls_pb2.ClassifyRequest(
+        images=images, model_name=args.model, model_version=args.version, top_k=args.top_k
+    )
+    response = cls_grpc.ImageClassificationStub(channel).Classify(request, timeout=args.timeout)
+    if args.json:
+        results = [
+            {
+                "image": path,
+                "classes": [
+                    {"label": c.label, "index": c.index, "score": c.score} for c in result.classes
+                ],
+            }
+            for path, result in zip(args.images, response.results, strict=True)
+        ]
+        print(
+            json.dumps(
+                {
+                    "model": response.model_name,
+                    "version": response.model_version,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"model {response.model_name} version {response.model_version}")
+    for path, result in zip(args.images, response.results, strict=True):
+        ranked = ", ".join(f"{c.label} ({c.score:.4f})" for c in result.classes)
+        print(f"{path}: {ranked}")
+    return 0
+
+
+def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+    model = stub.ModelMetadata(pb2.ModelMetadataRequest(name=args.model), timeout=args.timeout)
+    tensor = model.inputs[0]
+    if args.input is not None:
+        array = np.load(args.input)
+    else:
+        shape = [args.random, *(int(d) for d in tensor.shape[1:])]
+        dtype = NUMPY_DTYPES[tensor.datatype]
+        array = np.random.default_rng(args.seed).integers(0, 256, size=shape).astype(dtype)
+    request = pb2.ModelInferRequest(model_name=model.name, model_version=args.version)
+    request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(array.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    output = request.outputs.add(name=model.outputs[0].name)
+    if args.classification:
+        output.parameters["classification"].int64_param = args.classification
+    response = stub.ModelInfer(request, timeout=args.timeout)
+    result = response.outputs[0]
+    raw = response.raw_output_contents[0]
+    print(
+        f"model {response.model_name} version {response.model_version}: "
+        f"{result.name} {result.datatype} {list(result.shape)}"
+    )
+    if result.datatype == "BYTES":
+        entries = [e.decode() for e in deserialize_bytes(raw)]
+        k = int(result.shape[-1])
+        for row in range(len(entries) // k):
+            print(f"  [{row}] " + "  ".join(entries[row * k : (row + 1) * k]))
+        return 0
+    values = np.frombuffer(raw, dtype=NUMPY_DTYPES[result.datatype]).reshape(list(result.shape))
+    if args.output is not None:
+        np.save(args.output, values)
+        print(f"  saved to {args.output}")
+    for row, scores in enumerate(values):
+        print(f"  [{row}] argmax {int(np.argmax(scores))}  max {float(np.max(scores)):.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address",
+        default=os.environ.get("CONVSERVE_ADDRESS", DEFAULT_ADDRESS),
+        help="server host:port (default: $CONVSERVE_ADDRESS or %(default)s)",
+    )
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser = argparse.ArgumentParser(
+        prog="python -m service.client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sub = commands.add_parser("health", parents=[common], help="exit 0 iff the server is SERVING")
+    sub.add_argument("--service", default="", help="health service name (default: whole server)")
+    sub.set_defaults(run=health)
+
+    sub = commands.add_parser("metadata", parents=[common], help="server and model metadata")
+    sub.add_argument("--model", default="", help="model name (default: the server's default)")
+    sub.set_defaults(run=metadata)
+
+    sub = commands.add_parser("classify", parents=[common], help="classify image files")
+    sub.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    sub.add_argument("--model", default="", help="model name (default: the server's default)")
+    sub.add_argument("--version", default="", help="model version (default: the served one)")
+    sub.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.set_defaults(run=classify)
+
+    sub = commands.add_parser("infer", parents=[common], help="send a raw tensor via ModelInfer")
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument("--input", type=Path, help=".npy file with the input batch")
+    source.add_argument("--random", type=int, default=1, help="N random inputs (default: 1)")
+    sub.add_argument("--seed", type=int, default=0, help="seed for --random")
+    sub.add_argument("--model", default="", help="model name (default: the server's default)")
+    sub.add_argument("--version", default="", help="model version (default: the served one)")
+    sub.add_argument("--classification", type=int, default=0, help="ask for the top-k strings")
+    sub.add_argument("--output", type=Path, help="save the output tensor to this .npy file")
+    sub.set_defaults(run=infer)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m service.client`."""
+    args = build_parser().parse_args(argv)
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            return int(args.run(channel, args))
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+        except OSError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

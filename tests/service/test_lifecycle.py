@@ -1,0 +1,195 @@
+"""The server as a process: port file, health, reflection, SIGTERM draining, no torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from tests.model_factory import TinySpec, reference_logits
+from tests.service.conftest import REPO_ROOT, StartServer, python, random_images
+from tests.service.test_inference_api import infer_request, logits_of
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_check(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_follows_loading(start_server: StartServer, tiny_repository: Path) -> None:
+    running = start_server(tiny_repository, load=False)
+    names = ("", "inference.GRPCInferenceService", "convserve.v1.ImageClassification")
+    assert all(health_check(running.address, name) == NOT_SERVING for name in names)
+    statuses: list[int] = []
+    stream = health_pb2_grpc.HealthStub(running.channel()).Watch(health_pb2.HealthCheckRequest())
+
+    def watch() -> None:
+        for reply in stream:
+            statuses.append(reply.status)
+            if reply.status == SERVING:
+                return
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    running.load()
+    watcher.join(timeout=10)
+    stream.cancel()
+    assert statuses[0] == NOT_SERVING and statuses[-1] == SERVING
+    assert all(health_check(running.address, name) == SERVING for name in names)
+
+
+def test_reflection_lists_the_services(start_server: StartServer, tiny_repository: Path) -> None:
+    running = start_server(tiny_repository)
+    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel())
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    names = {service.name for service in reply.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "convserve.v1.ImageClassification"} <= names
+    assert "grpc.health.v1.Health" in names
+
+
+class ServerProcess:
+    """`python -m service` in a subprocess, as the deployment runs it."""
+
+    def __init__(self, repository: Path, tmp_path: Path, *flags: str) -> None:
+        self.port_file = tmp_path / "ports.json"
+        self.log = (tmp_path / "server.log").open("w+")
+        command = [
+            python(), "-m", "service", "--model-repository", str(repository),
+            "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--port-file", str(self.port_file), "--providers", "cpu", *flags,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while not self.port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start:\n{self.output()}")
+            time.sleep(0.05)
+        ports = json.loads(self.port_file.read_text())
+        self.address = f"127.0.0.1:{ports['grpc_port']}"
+        self.metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def metric(self, pattern: str) -> float:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as reply:
+            text = reply.read().decode()
+        found = re.search(rf"^{pattern} ([0-9.e+-]+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def slow_process(slow_repository: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        slow_repository, tmp_path, "--max-batch-size", "2", "--grace-period-s", "10"
+    )
+    yield process
+    process.close()
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(
+    slow_process: ServerProcess, tiny_spec: TinySpec
+) -> None:
+    assert json.loads(slow_process.port_file.read_text()).keys() == {"grpc_port", "metrics_port"}
+    channel = grpc.insecure_channel(slow_process.address)
+    stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+    inputs = [random_images(1, seed=200 + i) for i in range(12)]
+    futures = [stub.ModelInfer.future(infer_request(x, model="slow"), timeout=60) for x in inputs]
+    in_flight = 'convserve_requests_in_flight{model="slow",version="1"}'
+    deadline = time.monotonic() + 10
+    while slow_process.metric(in_flight) < len(inputs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slow_process.metric(in_flight) == len(inputs), "the burst was not accepted in time"
+
+    stopped_at = time.monotonic()
+    slow_process.process.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    with pytest.raises(grpc.RpcError) as refused:  # draining: new calls are refused
+        stub.ModelInfer(infer_request(random_images(1, 1), model="slow"), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    for images, future in zip(inputs, futures, strict=True):
+        logits = logits_of(future.result(timeout=30))
+        np.testing.assert_allclose(logits, reference_logits(tiny_spec, images), atol=1e-5)
+    assert slow_process.process.wait(timeout=12) == 0
+    assert time.monotonic() - stopped_at < 10, "took longer than the grace period"
+    channel.close()
+    output = slow_process.output()
+    assert "shutdown requested: draining" in output and "stopped" in output
+
+
+def test_bad_configuration_exits_with_the_reason(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [python(), "-m", "service", "--model-repository", str(tmp_path / "missing")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is not a directory" in result.stderr
+    env = {**os.environ, "CONVSERVE_PROVIDERS": "tpu"}
+    result = subprocess.run(
+        [python(), "-m", "service"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "choose one of: auto, cuda, cpu" in result.stderr
+
+
+NO_TORCH = """
+import asyncio, sys
+from pathlib import Path
+import grpc
+import service, service.client, service.bench
+from service.server import InferenceServer
+from service.settings import Settings
+from service._proto import grpc_service_pb2 as pb2, grpc_service_pb2_grpc as pb2_grpc
+
+async def main():
+    server = InferenceServer(Settings(model_repository=Path(sys.argv[1]), host="127.0.0.1",
+                                      grpc_port=0, metrics_port=0, providers="cpu"))
+    await server.start()
+    await server.load_models()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        ready = await pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb2.ServerReadyRequest())
+    await server.stop(0.5)
+    print("ready", ready.ready)
+    print("torch loaded:", any(name == "torch" or name.startswith("torch.") for name in sys.modules))
+
+asyncio.run(main())
+"""
+
+
+def test_serving_never_imports_torch(tiny_repository: Path) -> None:
+    result = subprocess.run(
+        [python(), "-c", NO_TORCH, str(tiny_repository)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "ready True" in result.stdout
+    assert "torch loaded: False" in result.stdout
