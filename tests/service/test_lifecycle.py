@@ -176,10 +176,12 @@ async def main():
     await server.start()
     await server.load_models()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        ready = await pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb2.ServerReadyRequest())
+        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
+        ready = await stub.ServerReady(pb2.ServerReadyRequest())
     await server.stop(0.5)
     print("ready", ready.ready)
-    print("torch loaded:", any(name == "torch" or name.startswith("torch.") for name in sys.modules))
+    torch = [name for name in sys.modules if name == "torch" or name.startswith("torch.")]
+    print("torch loaded:", bool(torch))
 
 asyncio.run(main())
 """
