@@ -20,6 +20,10 @@ class ModelNotFound(ServiceError):
     """The model or version is unknown, or failed to load (NOT_FOUND)."""
 
 
+class UnknownService(ServiceError):
+    """A health check named a gRPC service this server does not have (NOT_FOUND)."""
+
+
 class ModelNotReady(ServiceError):
     """The model exists but is still loading, or the server is draining (UNAVAILABLE)."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +35,8 @@ from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.batcher import Batcher
 from service.classify import Classifier
 from service.errors import ConfigurationError
+from service.health import SERVICE_NAME as HEALTH_SERVICE
+from service.health import HealthService
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelManager
 from service.repository import ModelEntry, ModelRepository
@@ -64,7 +66,7 @@ class InferenceServer:
         self.settings = settings
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.repository = ModelRepository(settings.model_repository, settings.model_versions)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService(SERVICE_NAMES)
         self.models: ModelManager | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -118,7 +120,7 @@ class InferenceServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
         server.add_generic_rpc_handlers((UnknownInferenceMethods(),))
         try:
@@ -192,13 +194,7 @@ class InferenceServer:
     async def _publish_readiness(self) -> None:
         ready = self.ready()
         self.metrics.server_ready.set(1 if ready else 0)
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else (health_pb2.HealthCheckResponse.NOT_SERVING)
-        )
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+        await self.health.set_serving(ready)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drains: NOT_SERVING, refuse new calls, let accepted ones finish, then free all."""
@@ -207,7 +203,7 @@ class InferenceServer:
         self.draining = True
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
         self.metrics.server_ready.set(0)
-        await self.health.enter_graceful_shutdown()
+        await self.health.close()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
         for model in self.models.loaded_models() if self.models else []:

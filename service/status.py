@@ -25,6 +25,7 @@ from service.errors import (
     NotImplementedRpc,
     Overloaded,
     ServiceError,
+    UnknownService,
 )
 from service.metrics import Metrics, ModelMetrics
 
@@ -35,6 +36,7 @@ INTERNAL_MESSAGE = "internal error; the server log has the details"
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    UnknownService: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -56,6 +56,26 @@ def test_health_follows_loading(start_server: StartServer, tiny_repository: Path
     assert all(health_check(running.address, name) == SERVING for name in names)
 
 
+def test_watch_streams_end_when_draining(start_server: StartServer, tiny_repository: Path) -> None:
+    running = start_server(tiny_repository, grace_period_s=20)
+    stream = health_pb2_grpc.HealthStub(running.channel()).Watch(health_pb2.HealthCheckRequest())
+    assert next(stream).status == SERVING
+    started = time.monotonic()
+    running.run(running.server.stop())
+    assert time.monotonic() - started < 5, "an open Watch held the shutdown"
+    assert [reply.status for reply in stream] == [NOT_SERVING]
+
+
+def test_unknown_health_service_is_not_found(
+    start_server: StartServer, tiny_repository: Path
+) -> None:
+    running = start_server(tiny_repository)
+    with pytest.raises(grpc.RpcError) as caught:
+        health_check(running.address, "mnist")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown service 'mnist'; known: ''" in caught.value.details()
+
+
 def test_reflection_lists_the_services(start_server: StartServer, tiny_repository: Path) -> None:
     running = start_server(tiny_repository)
     stub = reflection_pb2_grpc.ServerReflectionStub(running.channel())

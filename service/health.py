@@ -1,0 +1,76 @@
+"""gRPC health checking (grpc.health.v1: Check and Watch) that follows the server's readiness.
+
+Written here rather than taken from grpcio-health-checking's reference servicer so that `Watch`
+streams end when the server drains: an open Watch would otherwise hold the shutdown for the
+whole grace period. Every service starts NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.errors import UnknownService
+from service.status import Call
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    """Health of the whole server ("") and of each named gRPC service, all set together."""
+
+    def __init__(self, services: Sequence[str]) -> None:
+        self._status = dict.fromkeys(("", *services), NOT_SERVING)
+        self._changed = asyncio.Condition()
+        self._version = 0
+        self._closed = False
+
+    async def set_serving(self, serving: bool) -> None:
+        """Publishes the status of every service; ignored once closed."""
+        if not self._closed:
+            await self._publish(SERVING if serving else NOT_SERVING)
+
+    async def close(self) -> None:
+        """NOT_SERVING for good; open Watch streams get it and end."""
+        self._closed = True
+        await self._publish(NOT_SERVING)
+
+    async def _publish(self, status: Any) -> None:
+        async with self._changed:
+            self._status = dict.fromkeys(self._status, status)
+            self._version += 1
+            self._changed.notify_all()
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        async with Call("Check", context):
+            status = self._status.get(request.service)
+            if status is None:
+                known = ", ".join(repr(name) for name in self._status)
+                raise UnknownService(f"unknown service {request.service!r}; known: {known}")
+            return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        last = None
+        while True:
+            async with self._changed:
+                seen = self._version
+                status = self._status.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            if self._closed:
+                return
+            async with self._changed:
+                while self._version == seen:
+                    await self._changed.wait()
