@@ -5,20 +5,15 @@ Each panel's PromQL is run against a real Prometheus in test_observability_live.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
 
 from tests.deploy.checks import dashboard_problems, metric_names, panel_queries
+from tests.deploy.shipped import dashboard
 from tests.deploy.tools import DEPLOY, REPO_ROOT
 
 GRAFANA = DEPLOY / "grafana"
-DASHBOARD = GRAFANA / "dashboards" / "convserve.json"
-
-
-def dashboard() -> dict[str, Any]:
-    return dict(json.loads(DASHBOARD.read_text()))
 
 
 def datasource() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.deploy.checks import kubernetes_problems
+from tests.deploy.shipped import adapter_rules
 from tests.deploy.tools import DEPLOY
 
 K8S = DEPLOY / "k8s"
@@ -42,11 +43,6 @@ def by_kind(documents: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for document in documents:
         kinds.setdefault(document["kind"], []).append(document)
     return kinds
-
-
-def adapter_rules() -> list[dict[str, Any]]:
-    config_map = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-config.yaml").read_text())
-    return list(yaml.safe_load(config_map["data"]["config.yaml"])["rules"])
 
 
 def test_every_manifest_is_valid(kubernetes_validate: Path) -> None:

@@ -36,14 +36,12 @@ from tests.deploy.processes import (
     send_traffic,
     wait_for,
 )
-from tests.deploy.test_k8s import adapter_rules
-from tests.deploy.test_prometheus import ALERTS, alert_rules, documented_metrics
-from tests.deploy.tools import DEPLOY, run_tool
+from tests.deploy.shipped import ALERTS, adapter_rules, alert_rules, dashboard, documented_metrics
+from tests.deploy.tools import run_tool
 
 pytestmark = [pytest.mark.live, pytest.mark.slow]
 
-DASHBOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "convserve.json").read_text())
-PANEL_QUERIES = panel_queries(DASHBOARD)
+PANEL_QUERIES = panel_queries(dashboard())
 VARIABLES = {"model": "tiny"}
 
 

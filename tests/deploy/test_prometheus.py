@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from tests.deploy.checks import metric_names
-from tests.deploy.tools import DEPLOY, REPO_ROOT, run_tool
+from tests.deploy.shipped import (
+    ALERT_TESTS,
+    ALERTS,
+    PROMETHEUS,
+    alert_rules,
+    documented_metrics,
+)
+from tests.deploy.tools import DEPLOY, run_tool
 
 pytestmark = pytest.mark.live
-
-PROMETHEUS = DEPLOY / "prometheus"
-ALERTS = PROMETHEUS / "alerts.yml"
-ALERT_TESTS = PROMETHEUS / "alerts_test.yml"
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    groups = yaml.safe_load(ALERTS.read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
-
-
-def documented_metrics() -> set[str]:
-    """The metric names in docs/metrics.md's table."""
-    text = (REPO_ROOT / "docs" / "metrics.md").read_text()
-    return set(re.findall(r"^\| `(convserve_[a-z0-9_]+)` \|", text, flags=re.MULTILINE))
 
 
 def test_config_is_valid(promtool: Path) -> None:
