@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -41,6 +42,14 @@ def assert_still_serving(running: RunningServer, model: str = "tiny") -> None:
 
 def ask_classification(request: pb2.ModelInferRequest, k: int) -> None:
     request.outputs.add(name="logits").parameters["classification"].int64_param = k
+
+
+def wait_for_in_flight(running: RunningServer, model: str, count: int) -> None:
+    """Waits until `count` requests of the model were accepted (so arrival order is known)."""
+    deadline = time.monotonic() + 10
+    while running.metric("convserve_requests_in_flight", model=model, version="1") != count:
+        assert time.monotonic() < deadline, "requests were not accepted in time"
+        time.sleep(0.005)
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]
@@ -175,6 +184,7 @@ def test_deadline_exceeded_before_compute(start_server: StartServer, slow_reposi
     busy = [
         stub.ModelInfer.future(infer_request(random_images(1, i), model="slow")) for i in range(3)
     ]
+    wait_for_in_flight(running, "slow", 3)
     # Both wait behind about 150 ms of work: Triton's per-request `timeout` parameter (µs) ...
     late = infer_request(random_images(1, 10), model="slow")
     late.parameters["timeout"].int64_param = 20_000
@@ -187,10 +197,10 @@ def test_deadline_exceeded_before_compute(start_server: StartServer, slow_reposi
     assert rpc_error(short.result).code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for future in busy:
         future.result(timeout=30)
+    assert_still_serving(running, "slow")  # queued after the two, so they were dropped before
     model = running.server.models.resolve("slow")  # type: ignore[union-attr]
     assert model.batcher.stats.dropped == 2
-    assert running.metric("convserve_images_total", model="slow", version="1") == 3
-    assert_still_serving(running, "slow")
+    assert running.metric("convserve_images_total", model="slow", version="1") == 3 + 1
 
 
 def test_internal_errors_hide_details_and_log_them(
