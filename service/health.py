@@ -8,6 +8,7 @@ whole grace period. Every service starts NOT_SERVING.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -31,20 +32,27 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self._changed = asyncio.Condition()
         self._version = 0
         self._closed = False
+        self._watchers = 0
 
     async def set_serving(self, serving: bool) -> None:
         """Publishes the status of every service; ignored once closed."""
         if not self._closed:
             await self._publish(SERVING if serving else NOT_SERVING)
 
-    async def close(self) -> None:
-        """NOT_SERVING for good; open Watch streams get it and end."""
-        self._closed = True
-        await self._publish(NOT_SERVING)
+    async def close(self, timeout_s: float = 1.0) -> None:
+        """NOT_SERVING for good; open Watch streams get it and end (waits up to timeout_s for
+        them to send it before the server stops writing)."""
+        await self._publish(NOT_SERVING, close=True)
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: not self._watchers), timeout_s
+                )
 
-    async def _publish(self, status: Any) -> None:
+    async def _publish(self, status: Any, close: bool = False) -> None:
         async with self._changed:
             self._status = dict.fromkeys(self._status, status)
+            self._closed = self._closed or close
             self._version += 1
             self._changed.notify_all()
 
@@ -62,15 +70,21 @@ class HealthService(health_pb2_grpc.HealthServicer):
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         last = None
-        while True:
+        self._watchers += 1
+        try:
+            while True:
+                async with self._changed:  # status and closed read together: no lost update
+                    seen, closed = self._version, self._closed
+                    status = self._status.get(request.service, SERVICE_UNKNOWN)
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                if closed:
+                    return
+                async with self._changed:
+                    while self._version == seen:
+                        await self._changed.wait()
+        finally:
             async with self._changed:
-                seen = self._version
-                status = self._status.get(request.service, SERVICE_UNKNOWN)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            if self._closed:
-                return
-            async with self._changed:
-                while self._version == seen:
-                    await self._changed.wait()
+                self._watchers -= 1
+                self._changed.notify_all()
