@@ -42,6 +42,7 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
     executor_threads: int = 1
+    allow_spinning: bool = False
 
 
 def requested_providers(setting: str, available: Sequence[str]) -> list[str]:
@@ -88,6 +89,9 @@ class OnnxModel:
         session_options.graph_optimization_level = OPTIMIZATION_LEVELS[
             options.graph_optimization_level
         ]
+        spinning = "1" if options.allow_spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         session_options.log_severity_level = 3  # ORT's own warnings are noise; we log what matters
         providers = requested_providers(options.providers, ort.get_available_providers())
         wants_cuda = CUDA in providers

@@ -82,6 +82,13 @@ class Settings:
     inter_op_threads: int = field(
         default=0, metadata=_doc("ONNX Runtime inter-op threads per model; 0 = default")
     )
+    intra_op_spinning: bool = field(
+        default=False,
+        metadata=_doc(
+            "let idle ONNX Runtime threads spin-wait for work: a little less latency on "
+            "dedicated cores, but they burn CPU the gRPC and decode threads need"
+        ),
+    )
     graph_optimization_level: str = field(
         default="all",
         metadata=_doc("ONNX Runtime graph optimisations", choices=GRAPH_OPTIMIZATION_LEVELS),

@@ -74,3 +74,9 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.max_batch_size = 3  # type: ignore[misc]
+
+
+def test_every_setting_is_documented() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    missing = [env_name(item.name) for item in fields() if env_name(item.name) not in docs]
+    assert not missing, f"docs/service.md lacks {missing}"
