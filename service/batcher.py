@@ -164,7 +164,10 @@ class Batcher:
                     or self._queued_items >= self.max_batch_size
                     or waited >= self.max_queue_delay_s
                 ):
-                    self._start_batch(loop)
+                    try:
+                        self._start_batch(loop)
+                    except Exception:  # never let the dispatcher die: requests would hang
+                        logger.exception("model %s: could not start a batch", self.name)
                     continue
                 timeout = self.max_queue_delay_s - waited
             with contextlib.suppress(TimeoutError):
