@@ -128,10 +128,15 @@ class InferenceServer:
             self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         except RuntimeError as error:
             raise ConfigurationError(f"cannot listen on {s.host}:{s.grpc_port}: {error}") from None
+        try:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot listen on {s.host}:{s.metrics_port} (metrics): {error}"
+            ) from None
         await self._publish_readiness()
         await server.start()
         self._grpc = server
-        self._metrics_http, self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
         logger.info(
             "listening: gRPC %s:%s, metrics http://%s:%s/metrics",
             s.host, self.grpc_port, s.host, self.metrics_port,
@@ -235,13 +240,23 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     loading = asyncio.create_task(server.load_models())
+
+    def stop_if_failed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            stop_requested.set()
+
+    loading.add_done_callback(stop_if_failed)
     await stop_requested.wait()
-    logger.info("shutdown requested: draining for up to %.1f s", settings.grace_period_s)
-    loading.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await loading
+    failed = loading.done() and not loading.cancelled() and loading.exception() is not None
+    if failed:
+        logger.error("startup failed: stopping", exc_info=loading.exception())
+    else:
+        logger.info("shutdown requested: draining for up to %.1f s", settings.grace_period_s)
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
     await server.stop()
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

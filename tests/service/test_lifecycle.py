@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -165,13 +166,38 @@ def test_sigterm_answers_every_accepted_request_then_exits(
     assert "shutdown requested: draining" in output and "stopped" in output
 
 
-def test_bad_configuration_exits_with_the_reason(tmp_path: Path) -> None:
+def test_bad_configuration_exits_with_the_reason(tmp_path: Path, tiny_repository: Path) -> None:
     result = subprocess.run(
         [python(), "-m", "service", "--model-repository", str(tmp_path / "missing")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flag in ("--grpc-port", "--metrics-port"):
+            command = [
+                python(),
+                "-m",
+                "service",
+                "--model-repository",
+                str(tiny_repository),
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+                flag,
+                port,
+            ]
+            result = subprocess.run(
+                command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 2, result.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     env = {**os.environ, "CONVSERVE_PROVIDERS": "tpu"}
     result = subprocess.run(
         [python(), "-m", "service"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
