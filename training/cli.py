@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from training.config import TrainConfig
 from training.data import DATASETS, DEFAULT_DATA_DIR, DataConfig
 from training.errors import ConfigError, TrainingError
 from training.model_config import ACTIVATIONS, HEADS, POOLINGS, PRESETS, preset_help
@@ -97,9 +98,10 @@ def _add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
         )
 
 
-def _add_train_parser(subparsers: Any) -> None:
+def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "train",
+        parents=[common],
         help="train a CNN and export it as the next version",
         description="Train a CNN, export it to ONNX and write it into the model repository as "
         "the next version, with a report.",
@@ -109,7 +111,7 @@ def _add_train_parser(subparsers: Any) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--preset",
-        default="auto",
+        default=TrainConfig.preset,
         help=f"auto (small for grayscale, deep for RGB) or {preset_help()}",
     )
     model.add_argument("--blocks", type=_blocks, help="conv widths per block, e.g. 32,32/64,64")
@@ -131,23 +133,27 @@ def _add_train_parser(subparsers: Any) -> None:
         + ", ".join(f"{n} {p.epochs}" for n, p in PRESETS.items())
         + ")",
     )
-    optim.add_argument("--batch-size", type=int, default=64)
-    optim.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    optim.add_argument("--optimizer", default="adamw", help="adamw, adam or sgd")
-    optim.add_argument("--weight-decay", type=float, default=0.05)
-    optim.add_argument("--momentum", type=float, default=0.9, help="sgd only")
-    optim.add_argument("--schedule", default="onecycle", help="onecycle, cosine, step, constant")
-    optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    optim.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    optim.add_argument("--optimizer", default=TrainConfig.optimizer, help="adamw, adam or sgd")
+    optim.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    optim.add_argument("--momentum", type=float, default=TrainConfig.momentum, help="sgd only")
+    optim.add_argument(
+        "--schedule", default=TrainConfig.schedule, help="onecycle, cosine, step, constant"
+    )
+    optim.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
     optim.add_argument(
         "--augment",
-        default="affine",
+        default=TrainConfig.augment,
         help="none, affine (small rotation/scale/shift) or affine-hflip",
     )
-    optim.add_argument("--seed", type=int, default=0, help="seed of weights, batches, augmentation")
-    optim.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    optim.add_argument(
+        "--seed", type=int, default=TrainConfig.seed, help="seed of weights, batches, augmentation"
+    )
+    optim.add_argument("--device", default=TrainConfig.device, help="auto, cpu or cuda")
     out = parser.add_argument_group("output")
-    out.add_argument("--repository", default="model_repository")
-    out.add_argument("--model-name", default="mnist_cnn")
+    out.add_argument("--repository", default=TrainConfig.repository)
+    out.add_argument("--model-name", default=TrainConfig.model_name)
     out.add_argument(
         "--if-missing",
         action="store_true",
@@ -155,7 +161,7 @@ def _add_train_parser(subparsers: Any) -> None:
     )
     out.add_argument(
         "--checkpoint-dir",
-        default="runs",
+        default=TrainConfig.checkpoint_dir,
         help="checkpoints go to <dir>/<model-name>/last.pt and best.pt",
     )
     out.add_argument("--resume", default=None, help="continue from this last.pt")
@@ -168,12 +174,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m training",
         description="Train a CNN classifier, export it to ONNX, write it into a model repository.",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_train_parser(subparsers)
+    _add_train_parser(subparsers, common)
 
     evaluate = subparsers.add_parser(
         "evaluate",
+        parents=[common],
         help="accuracy of an exported model (ONNX Runtime) on the test split",
         description="Run an exported model through ONNX Runtime on the test split of the data "
         "set it was trained on (from its metadata, unless overridden).",
@@ -188,6 +196,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     arch = subparsers.add_parser(
         "export-arch",
+        parents=[common],
         help="export an untrained torchvision architecture (e.g. resnet18) into the repository",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

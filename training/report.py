@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from training.model import ImageClassifier
 from training.onnx_eval import Evaluation
@@ -39,6 +40,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
         axis.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
         axis.plot(epochs, [r[f"val_{metric}"] for r in history], "o-", label="validation")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(metric)
         axis.set_title(f"{metric} per epoch")
         axis.grid(alpha=0.3)
@@ -143,6 +145,11 @@ def write_report(
     lines = [f"# {summary['model_name']}: training report", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
     lines += ["", "## Curves", "", "![loss and accuracy](curves.png)", ""]
+    lines += [
+        "Training loss and accuracy are measured on augmented batches with dropout and label "
+        "smoothing, so they sit below the validation figures.",
+        "",
+    ]
     lines += ["## Test split (the exported model, ONNX Runtime)", ""]
     lines += [
         f"Accuracy **{evaluation.accuracy:.4f}** on {len(evaluation.predictions)} images.",

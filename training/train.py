@@ -1,4 +1,4 @@
-"""Training: :class:`TrainConfig`, the epoch loop with checkpoints (:func:`fit`), and
+"""Training: the epoch loop with checkpoints (:func:`fit`), and
 :func:`main`, which goes data -> CNN -> training -> ONNX export -> model repository + report.
 
 ``python -m training train --repository model_repository --model-name mnist_cnn``
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ import torch
 
 from training import checkpoint as ckpt
 from training.augment import make_augment
-from training.data import DataConfig, Dataset, channel_stats, load_data
+from training.config import TrainConfig, resumed_config
+from training.data import Dataset, channel_stats, load_data
 from training.engine import (
+    EpochResult,
     evaluate,
     make_deterministic,
     make_loader,
@@ -27,95 +29,11 @@ from training.engine import (
     seeded_generator,
     train_one_epoch,
 )
-from training.errors import ConfigError
 from training.model import ImageClassifier, build_classifier
-from training.model_config import PRESETS, ModelConfig, resolve_config
+from training.model_config import ModelConfig, resolve_config
 from training.publish import PublishedVersion, publish_classifier
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The arguments of one run; stored in every checkpoint and in ``convserve.training``."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    """Which images, and how they are split."""
-    preset: str = "auto"
-    """Architecture preset (see PRESETS); auto: small for grayscale, deep for RGB."""
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    """ModelConfig fields that replace the preset's (e.g. blocks, dropout)."""
-    epochs: int | None = None
-    """Epochs to train; None: the preset's number."""
-    batch_size: int = 64
-    """Images per optimiser step."""
-    lr: float = 3e-3
-    """Peak learning rate (the one-cycle maximum)."""
-    optimizer: str = "adamw"
-    """adamw, adam or sgd (Nesterov momentum)."""
-    weight_decay: float = 0.05
-    """Weight decay (decoupled for AdamW)."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    schedule: str = "onecycle"
-    """Learning-rate schedule per batch: onecycle, cosine, step (x0.1 at 50% and 75%), constant."""
-    label_smoothing: float = 0.1
-    """Label smoothing of the training loss."""
-    augment: str = "affine"
-    """none, affine (rotation/scale/shift, for digits) or affine-hflip (adds mirroring)."""
-    seed: int = 0
-    """Seed of the weights, the batch order, the augmentation and dropout."""
-    device: str = "auto"
-    """auto (CUDA when available), cpu or cuda."""
-    repository: str = "model_repository"
-    """The model repository to write the new version into."""
-    model_name: str = "mnist_cnn"
-    """The model's directory inside the repository."""
-    checkpoint_dir: str = "runs"
-    """Checkpoints go to <checkpoint_dir>/<model_name>/{last,best}.pt."""
-    resume: str | None = None
-    """A last.pt to continue from (its data, model and optimiser settings are used)."""
-    report: bool = True
-    """Write <version>/report/ (figures and index.md)."""
-    progress: bool = True
-    """Show a tqdm progress bar per epoch."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        kept = {k: v for k, v in values.items() if k in known}
-        kept["data"] = DataConfig(**values.get("data", {}))
-        return cls(**kept)
-
-    def resolved_epochs(self) -> int:
-        if self.epochs is not None:
-            return self.epochs
-        return PRESETS[self.preset].epochs if self.preset in PRESETS else PRESETS["small"].epochs
-
-
-def resumed_config(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
-    """A resumed run keeps its own data/model/optimiser settings; where it goes comes from CLI."""
-    epochs = stored.resolved_epochs()
-    if given.epochs is not None and given.epochs != epochs and stored.schedule != "constant":
-        raise ConfigError(
-            f"the checkpoint's run was planned for {epochs} epochs and its '{stored.schedule}' "
-            f"schedule cannot be stretched to {given.epochs}; resume without --epochs, or "
-            f"start a new run"
-        )
-    return replace(
-        stored,
-        epochs=given.epochs if given.epochs is not None else epochs,
-        device=given.device,
-        repository=given.repository,
-        model_name=given.model_name,
-        checkpoint_dir=given.checkpoint_dir,
-        resume=given.resume,
-        report=given.report,
-        progress=given.progress,
-    )
 
 
 @dataclass
@@ -128,6 +46,14 @@ class FitResult:
 
 def _cpu_copy(classifier: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+
+
+def is_better(validated: EpochResult, best: dict[str, Any]) -> bool:
+    """Higher validation accuracy wins; on a tie (a small validation split saturates near
+    100%), the lower validation loss."""
+    if validated.accuracy != best["val_accuracy"]:
+        return validated.accuracy > best["val_accuracy"]
+    return validated.loss < best["val_loss"]
 
 
 def fit(
@@ -151,7 +77,12 @@ def fit(
     scheduler = make_scheduler(optimizer, config.schedule, config.lr, epochs * len(loader))
     augment = make_augment(config.augment)
     history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "model": _cpu_copy(classifier)}
+    best: dict[str, Any] = {
+        "epoch": 0,
+        "val_accuracy": -1.0,
+        "val_loss": float("inf"),
+        "model": _cpu_copy(classifier),
+    }
     first_epoch = 1
     if resume_state is not None:
         classifier.load_state_dict(resume_state["model"])
@@ -203,10 +134,11 @@ def fit(
             "classes": dataset.classes,
             "color_mode": dataset.color_mode,
         }
-        if validated.accuracy > best["val_accuracy"]:
+        if is_better(validated, best):
             best = {
                 "epoch": epoch,
                 "val_accuracy": validated.accuracy,
+                "val_loss": validated.loss,
                 "model": _cpu_copy(classifier),
             }
             ckpt.save_checkpoint(

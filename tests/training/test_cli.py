@@ -1,0 +1,96 @@
+"""The command line as a user meets it: help, refusals with their messages, evaluate, if-missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_presets_and_datasets() -> None:
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "small: 28x28 grayscale (default)" in text
+    assert "deep: 32x32 RGB (cifar10)" in text
+    assert "mnist5k, mnist, fashion-mnist, cifar10, imagefolder" in text
+
+
+def test_unknown_dataset_exits_2_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--dataset", "mnsit", "--repository", "/nonexistent/r"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown dataset 'mnsit'; choose one of: mnist5k, mnist, fashion-mnist, "
+        "cifar10, imagefolder"
+    )
+
+
+def test_missing_image_folder_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--repository",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 2
+    assert f"error: data directory '{tmp_path / 'none'}' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_if_missing_does_nothing_when_a_version_exists(tiny_version) -> None:
+    repository = tiny_version.path.parent.parent
+    result = run_cli(
+        "train", "--repository", str(repository), "--model-name", "tiny_cnn", "--if-missing"
+    )
+    assert result.returncode == 0
+    assert "already has version 1; nothing to do (--if-missing)" in result.stdout
+    assert sorted(p.name for p in (repository / "tiny_cnn").iterdir()) == ["1"]
+
+
+def test_evaluate_prints_the_accuracy_written_at_export(
+    tiny_version, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", "--model", str(tiny_version.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy: {tiny_version.test_accuracy:.4f} (60 images)" in out
+    assert "per-class accuracy:" in out
+    assert len([line for line in out.splitlines() if "(6 images)" in line]) == 10
+
+
+def test_evaluate_of_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--model", str(tmp_path / "nothing")]) == 2
+    assert "error: no model at" in capsys.readouterr().err
+
+
+def test_training_never_imports_service() -> None:
+    package = Path(__file__).resolve().parents[2] / "training"
+    offenders = [
+        str(path)
+        for path in package.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if line.strip().startswith(("import service", "from service"))
+    ]
+    assert offenders == []
+
+
+def test_the_cli_module_does_not_import_torch() -> None:
+    # --help and --if-missing answer without loading torch.
+    code = (
+        "import sys, training.cli; print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr

@@ -1,0 +1,93 @@
+"""The settings of one training run (torch-free, so the CLI builds them without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from training.data import DataConfig
+from training.errors import ConfigError
+from training.model_config import PRESETS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The arguments of one run; stored in every checkpoint and in ``convserve.training``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Which images, and how they are split."""
+    preset: str = "auto"
+    """Architecture preset (see PRESETS); auto: small for grayscale, deep for RGB."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that replace the preset's (e.g. blocks, dropout)."""
+    epochs: int | None = None
+    """Epochs to train; None: the preset's number."""
+    batch_size: int = 32
+    """Images per optimiser step."""
+    lr: float = 3e-3
+    """Peak learning rate (the one-cycle maximum)."""
+    optimizer: str = "adamw"
+    """adamw, adam or sgd (Nesterov momentum)."""
+    weight_decay: float = 0.05
+    """Weight decay (decoupled for AdamW)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    schedule: str = "onecycle"
+    """Learning-rate schedule per batch: onecycle, cosine, step (x0.1 at 50% and 75%), constant."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the training loss."""
+    augment: str = "affine"
+    """none, affine (rotation/scale/shift, for digits) or affine-hflip (adds mirroring)."""
+    seed: int = 0
+    """Seed of the weights, the batch order, the augmentation and dropout."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    repository: str = "model_repository"
+    """The model repository to write the new version into."""
+    model_name: str = "mnist_cnn"
+    """The model's directory inside the repository."""
+    checkpoint_dir: str = "runs"
+    """Checkpoints go to <checkpoint_dir>/<model_name>/{last,best}.pt."""
+    resume: str | None = None
+    """A last.pt to continue from (its data, model and optimiser settings are used)."""
+    report: bool = True
+    """Write <version>/report/ (figures and index.md)."""
+    progress: bool = True
+    """Show a tqdm progress bar per epoch."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in values.items() if k in known}
+        kept["data"] = DataConfig(**values.get("data", {}))
+        return cls(**kept)
+
+    def resolved_epochs(self) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return PRESETS[self.preset].epochs if self.preset in PRESETS else PRESETS["small"].epochs
+
+
+def resumed_config(stored: TrainConfig, given: TrainConfig) -> TrainConfig:
+    """A resumed run keeps its own data/model/optimiser settings; where it goes comes from CLI."""
+    epochs = stored.resolved_epochs()
+    if given.epochs is not None and given.epochs != epochs and stored.schedule != "constant":
+        raise ConfigError(
+            f"the checkpoint's run was planned for {epochs} epochs and its '{stored.schedule}' "
+            f"schedule cannot be stretched to {given.epochs}; resume without --epochs, or "
+            f"start a new run"
+        )
+    return replace(
+        stored,
+        epochs=given.epochs if given.epochs is not None else epochs,
+        device=given.device,
+        repository=given.repository,
+        model_name=given.model_name,
+        checkpoint_dir=given.checkpoint_dir,
+        resume=given.resume,
+        report=given.report,
+        progress=given.progress,
+    )
