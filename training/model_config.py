@@ -102,7 +102,7 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(),
         "28x28 grayscale (default): 3 blocks of one 3x3 conv (32, 64, 128), BN, max pool, "
         "dense 128",
-        epochs=16,
+        epochs=20,
     ),
     "deep": Preset(
         ModelConfig(

@@ -43,7 +43,7 @@ def assert_same_weights(first: dict, second: dict) -> None:
 
 
 def test_same_seed_same_weights_and_metrics(tmp_path: Path, tiny_dataset) -> None:
-    config = tiny_train_config(tmp_path)
+    config = tiny_train_config(tmp_path, augment="affine")
     first, first_weights = tiny_fit(config, tiny_dataset)
     second, second_weights = tiny_fit(config, tiny_dataset)
     assert_same_weights(first_weights, second_weights)
@@ -58,8 +58,10 @@ def test_same_seed_same_weights_and_metrics(tmp_path: Path, tiny_dataset) -> Non
 def test_resume_continues_exactly_where_it_stopped(
     tmp_path: Path, tiny_dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    straight, straight_weights = tiny_fit(tiny_train_config(tmp_path / "a", epochs=3), tiny_dataset)
-    config = tiny_train_config(tmp_path / "b", epochs=3)
+    straight, straight_weights = tiny_fit(
+        tiny_train_config(tmp_path / "a", augment="affine"), tiny_dataset
+    )
+    config = tiny_train_config(tmp_path / "b", augment="affine")
     real_evaluate = train_module.evaluate
     calls: list[int] = []
 
@@ -96,9 +98,9 @@ def test_a_published_version_has_everything_the_contract_lists(tiny_version) -> 
     assert metadata["convserve.dataset"] == "mnist5k"
     assert metadata["convserve.preprocessing"]["color_mode"] == "L"
     assert metadata["convserve.model_config"]["blocks"] == [[8], [16]]
-    assert metadata["convserve.training"]["epochs"] == 2
+    assert metadata["convserve.training"]["epochs"] == 3
     assert metadata["convserve.test_accuracy"] == f"{tiny_version.test_accuracy:.4f}"
-    assert tiny_version.test_accuracy > 0.5  # two epochs of a tiny CNN on 210 digits
+    assert tiny_version.test_accuracy > 0.6  # three epochs of a tiny CNN on 210 digits
 
 
 def test_imagefolder_training_end_to_end(tmp_path: Path) -> None:
