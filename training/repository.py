@@ -61,6 +61,8 @@ def staging_directory(model_dir: Path) -> Iterator[Path]:
     """A fresh ``.tmp-*`` directory inside the model directory, removed unless published."""
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir))
+    # mkdtemp makes it 0700; a published version must be readable by the service's user.
+    staging.chmod(0o755)
     try:
         yield staging
     finally:

@@ -31,6 +31,7 @@ def test_versions_count_up_from_one(tmp_path: Path) -> None:
     assert stage(model_dir, "second") == model_dir / "2"
     assert versions(model_dir) == [1, 2]
     assert (model_dir / "1" / "model.onnx").read_text() == "first"
+    assert (model_dir / "1").stat().st_mode & 0o777 == 0o755  # the server may be another user
 
 
 def test_non_integer_entries_are_ignored(tmp_path: Path) -> None:

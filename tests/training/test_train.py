@@ -139,3 +139,26 @@ def test_resume_refuses_to_stretch_a_planned_schedule(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="planned for 2 epochs"):
         resumed_config(stored, replace(stored, epochs=5))
     assert resumed_config(stored, replace(stored, epochs=None)).epochs == 2
+
+
+def test_resume_of_a_finished_run_exports_its_best_weights_again(tmp_path: Path) -> None:
+    config = tiny_train_config(tmp_path, report=False)
+    first = main(config)
+    last = Path(config.checkpoint_dir) / "tiny_cnn" / checkpoint.LAST
+    again = main(replace(config, resume=str(last), seed=99))  # the checkpoint's seed wins
+    assert (first.version, again.version) == (1, 2)
+    assert again.test_accuracy == first.test_accuracy
+    metadata = json.loads((again.path / "metadata.json").read_text())
+    assert metadata["convserve.training"]["seed"] == 0
+
+
+def test_device_choice() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == torch.device("cuda")
+        return
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device cuda was asked for but no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'; choose one of: auto, cpu, cuda"):
+        resolve_device("tpu")
