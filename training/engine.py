@@ -121,6 +121,7 @@ def train_one_epoch(
         labels = labels.to(device)
         if augment is not None:
             inputs = augment(inputs, augment_generator)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = model(inputs)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)

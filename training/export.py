@@ -76,6 +76,7 @@ def export_onnx(classifier: nn.Module, path: Path, example: np.ndarray) -> None:
     if len(example) < 2:
         example = np.concatenate([example, example])
     module = copy.deepcopy(classifier).cpu().eval()
+    module.to(memory_format=torch.contiguous_format)
     batch = torch.export.Dim("batch")
     # The exporter reports progress on stdout; keep the CLI's output to what it prints itself.
     with contextlib.redirect_stdout(io.StringIO()) as chatter:

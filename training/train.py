@@ -66,6 +66,8 @@ def fit(
 ) -> FitResult:
     """Trains for the planned epochs, validating after each; keeps the best weights."""
     epochs = config.resolved_epochs()
+    # NHWC convolutions and pooling are ~15% faster on the CPU (oneDNN) and on CUDA.
+    classifier.to(memory_format=torch.channels_last)
     loader_generator = seeded_generator(config.seed)
     augment_generator = seeded_generator(config.seed + 1)
     loader = make_loader(
