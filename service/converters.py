@@ -7,6 +7,7 @@ responses with raw output contents, and the classification extension's
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,10 +73,9 @@ def decode_input(request: pb2.ModelInferRequest, spec: ModelSpec) -> np.ndarray:
             f"input {tensor.name} has datatype {tensor.datatype or '(none)'}; {_describe(spec)}"
         )
     shape = list(tensor.shape)
-    expected = input_shape(spec)
-    if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] < 1:
+    if len(shape) != 4 or tuple(shape[1:]) != spec.input_shape or shape[0] < 1:
         raise InvalidInput(f"input {tensor.name} has shape {shape}; {_describe(spec)} (N >= 1)")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     has_contents = tensor.HasField("contents") and len(tensor.contents.uint_contents) > 0
     if request.raw_input_contents:
         if has_contents:

@@ -150,7 +150,20 @@ class ModelMetrics:
         self._rejections = metrics.rejections.labels(*labels)
         self.in_flight = metrics.in_flight.labels(*labels)
         self.image_decode = metrics.image_decode.labels(name)
+        self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.set_ready(False)
+
+    def observe_request(self, rpc: str, code: str, latency_s: float) -> None:
+        """Counts one answered inference RPC of this model (label children cached: hot path)."""
+        children = self._answered.get((rpc, code))
+        if children is None:
+            children = (
+                self._m.requests.labels(self.name, self.version, rpc, code),
+                self._m.request_latency.labels(self.name, self.version, rpc),
+            )
+            self._answered[(rpc, code)] = children
+        children[0].inc()
+        children[1].observe(latency_s)
 
     def queue_depth(self, items: int) -> None:
         self._queue_depth.set(items)

@@ -129,6 +129,4 @@ class Call:
             self._metrics.observe_request("", "", self.rpc, name, latency_s)
             return
         self._model.in_flight.dec()
-        self._metrics.observe_request(
-            self._model.name, self._model.version, self.rpc, name, latency_s
-        )
+        self._model.observe_request(self.rpc, name, latency_s)
