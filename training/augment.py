@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from training.errors import ConfigError
+
 AUGMENTATIONS = ("none", "affine", "affine-hflip")
 
 
@@ -59,6 +61,4 @@ def make_augment(name: str) -> AffineAugment | None:
         return AffineAugment()
     if name == "affine-hflip":
         return AffineAugment(horizontal_flip=True)
-    from training.errors import ConfigError
-
     raise ConfigError(f"unknown augmentation '{name}'; choose one of: {', '.join(AUGMENTATIONS)}")

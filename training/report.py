@@ -9,6 +9,7 @@ Matplotlib is used through ``Figure`` + the Agg canvas only: no pyplot state, no
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def plot_feature_maps(
     classifier: ImageClassifier, image: np.ndarray, caption: str, path: Path, channels: int = 8
 ) -> None:
     """One image ``[C, H, W]`` and the first ``channels`` maps after each conv block."""
-    module = classifier.cpu().eval()
+    module = copy.deepcopy(classifier).cpu().eval()
     with torch.inference_mode():
         normalised = module.normalise(torch.from_numpy(image[np.newaxis]))
         maps = module.convnet.feature_maps(normalised)
