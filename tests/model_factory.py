@@ -61,7 +61,9 @@ def build_tiny_model(spec: TinySpec) -> onnx.ModelProto:
                 "images", TensorProto.UINT8, ["N", spec.channels, spec.height, spec.width]
             )
         ],
-        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(spec.labels)])],
+        outputs=[
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(spec.labels)])
+        ],
         initializer=[
             numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
             numpy_helper.from_array(weight, "weight"),
@@ -111,7 +113,11 @@ def write_version(repository: Path, name: str, version: int, spec: TinySpec) -> 
     onnx.save(build_tiny_model(spec), directory / "model.onnx")
     (directory / "labels.txt").write_text("\n".join(spec.labels) + "\n")
     metadata = {
-        key: (json.loads(value) if key.endswith(("labels", "preprocessing", "config", "training")) else value)
+        key: (
+            json.loads(value)
+            if key.endswith(("labels", "preprocessing", "config", "training"))
+            else value
+        )
         for key, value in contract_metadata(spec).items()
     }
     (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
