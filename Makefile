@@ -37,8 +37,14 @@ train: $(VENV)/.stamp-run
 serve: $(VENV)/.stamp-run
 	$(PY) -m service --model-repository $(REPOSITORY)
 
-bench: $(VENV)/.stamp-dev
-	$(PY) -m service.bench --help
+# Batching on vs off at 64 concurrent single-image clients, on resnet18 (docs/benchmark.md).
+BENCH_REPOSITORY ?= bench_repository
+bench: $(VENV)/.stamp-run
+	test -d $(BENCH_REPOSITORY)/resnet18 || $(PY) -m training export-arch resnet18 --num-classes 10 \
+		--input-size 32 --channels 3 --repository $(BENCH_REPOSITORY) --model-name resnet18
+	$(PY) -m service.bench --model-repository $(BENCH_REPOSITORY) --model resnet18 --providers cpu \
+		--server-max-batch-size 1 32 --concurrency 1 16 64 --duration 8 --warmup 2 \
+		--in-process-batch-sizes 1 2 4 8 16 32 64
 
 # --- checks -------------------------------------------------------------------
 test: $(VENV)/.stamp-dev tools lint typecheck

@@ -1,9 +1,10 @@
-"""The command line: ``python -m training {train,evaluate,export-arch} --help``.
+"""The command line: ``python -m training {train,evaluate,export-arch,samples} --help``.
 
 - ``python -m training train --repository model_repository --model-name mnist_cnn``
 - ``python -m training evaluate --model model_repository/mnist_cnn/1``
 - ``python -m training export-arch resnet18 --num-classes 10 --input-size 32 --channels 3
   --repository model_repository --model-name resnet18``
+- ``python -m training samples --out samples --count 10``
 
 Heavy modules (torch, onnx) are imported inside the commands, so ``--help`` and
 ``train --if-missing`` on an existing model answer at once.
@@ -208,7 +209,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch.add_argument("--repository", default="model_repository")
     arch.add_argument("--model-name", default=None, help="default: the architecture's name")
     arch.add_argument("--seed", type=int, default=0)
+
+    samples = subparsers.add_parser(
+        "samples",
+        parents=[common],
+        help="write held-out test images as PNG files (to try the server with)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    samples.add_argument("--out", type=Path, default=Path("samples"))
+    samples.add_argument("--count", type=int, default=10)
+    _add_data_arguments(samples)
     return parser
+
+
+def _data_config(args: argparse.Namespace, image_size: int | None = None) -> DataConfig:
+    return DataConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        split_seed=args.split_seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        image_size=image_size if image_size is not None else args.image_size,
+        color_mode=args.color_mode,
+        skip_bad_images=args.skip_bad_images,
+        max_samples=args.max_samples,
+    )
 
 
 def train_config(args: argparse.Namespace) -> Any:
@@ -227,18 +253,7 @@ def train_config(args: argparse.Namespace) -> Any:
     image_size = args.image_size
     if image_size is None and args.preset in PRESETS:
         image_size = PRESETS[args.preset].config.image_size
-    data = DataConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        download=args.download,
-        split_seed=args.split_seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        image_size=image_size,
-        color_mode=args.color_mode,
-        skip_bad_images=args.skip_bad_images,
-        max_samples=args.max_samples,
-    )
+    data = _data_config(args, image_size)
     return TrainConfig(
         data=data,
         preset=args.preset,
@@ -326,6 +341,16 @@ def _run_export_arch(args: argparse.Namespace, started: float) -> int:
     return 0
 
 
+def _run_samples(args: argparse.Namespace) -> int:
+    from training.data import load_data
+    from training.samples import write_samples
+
+    dataset = load_data(_data_config(args))
+    paths = write_samples(dataset.test, dataset.classes, args.out, args.count)
+    print(f"wrote {len(paths)} test images of {dataset.name} to {args.out}/")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m training ...``; returns the exit status (2 for a usage or data problem)."""
     started = time.monotonic()
@@ -344,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args, started)
         if args.command == "evaluate":
             return _run_evaluate(args)
+        if args.command == "samples":
+            return _run_samples(args)
         return _run_export_arch(args, started)
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
