@@ -30,8 +30,19 @@ fi
 echo "installing ${missing[*]} with apt-get"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-# --no-install-recommends keeps it small; policy-rc.d stops the packages starting daemons.
-$sudo sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+# --no-install-recommends keeps it small. A policy-rc.d that answers 101 stops the packages
+# starting their daemons (the tests start their own); the host's own policy-rc.d, if any, is
+# kept aside and put back afterwards, whatever happens.
+policy=/usr/sbin/policy-rc.d
+backup=""
+if [ -e "$policy" ]; then
+  backup=$(mktemp /tmp/policy-rc.d.XXXXXX)
+  $sudo cp -p "$policy" "$backup"
+fi
+restore_policy() {
+  if [ -n "$backup" ]; then $sudo mv -f "$backup" "$policy"; else $sudo rm -f "$policy"; fi
+}
+trap restore_policy EXIT
+$sudo sh -c "printf '#!/bin/sh\\nexit 101\\n' > $policy && chmod +x $policy"
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-$sudo rm -f /usr/sbin/policy-rc.d
 echo "installed: $(command -v promtool) $(command -v nginx || echo /usr/sbin/nginx)"
