@@ -115,9 +115,12 @@ class Batcher:
         """Starts the batching task on the running loop."""
         self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=self.name)
 
-    async def infer(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Computes `items` ([n, ...]) as part of some batches; `deadline` is on loop.time()."""
-        n = len(items)
+    def check_room(self, n: int) -> None:
+        """Raises unless a request of `n` items would be queued now.
+
+        Callers with costly preparation (decoding images) call it first, so that a request
+        that would be refused is refused before the work; `infer` checks again.
+        """
         if self._closed:
             raise ModelNotReady(f"model {self.name} is shutting down")
         if n == 0:
@@ -133,6 +136,11 @@ class Batcher:
                 f"model {self.name} is overloaded: {self._queued_items} of {self.queue_capacity} "
                 f"queue places taken, {n} needed; retry later"
             )
+
+    async def infer(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Computes `items` ([n, ...]) as part of some batches; `deadline` is on loop.time()."""
+        n = len(items)
+        self.check_room(n)
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []

@@ -106,6 +106,8 @@ class Classifier:
     ) -> list[list[ScoredClass]]:
         """The top-k classes of each image, in request order."""
         k = self.effective_top_k(top_k_requested, len(model.spec.labels))
+        if images:  # refuse what the queue cannot take before decoding anything
+            model.batcher.check_room(len(images))
         batch = await self.decode(model, images)
         logits = await model.batcher.infer(batch, deadline)
         return top_k(softmax(logits), k, model.spec.labels)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import grpc
 import numpy as np
@@ -11,6 +15,10 @@ import pytest
 from PIL import Image
 
 from service._proto import classification_pb2 as cls_pb2
+from service.batcher import Batcher
+from service.classify import Classifier
+from service.errors import InvalidInput, Overloaded
+from service.models import LoadedModel
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import RunningServer, StartServer, encode_image
 
@@ -119,3 +127,42 @@ def test_model_choice_default_and_not_found(start_server: StartServer, tmp_path:
     with_default = start_server(tmp_path, default_model="color")
     response = with_default.classification_stub().Classify(cls_pb2.ClassifyRequest(images=[data]))
     assert response.model_name == "color"
+
+
+def _classifier_over(batcher: Batcher) -> tuple[Classifier, LoadedModel]:
+    """A Classifier and a stand-in model whose decode would fail on any image it reached."""
+    model = cast(
+        LoadedModel, SimpleNamespace(spec=SimpleNamespace(labels=("a", "b")), batcher=batcher)
+    )
+    classifier = Classifier(
+        ThreadPoolExecutor(1), max_image_bytes=1000, max_image_pixels=1000, max_top_k=5
+    )
+    return classifier, model
+
+
+async def _never(items: np.ndarray) -> np.ndarray:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+def test_too_many_images_are_refused_before_decoding() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(_never, max_batch_size=2, max_queue_delay_s=0.001, queue_capacity=3)
+        classifier, model = _classifier_over(batcher)
+        with pytest.raises(InvalidInput, match="accepts at most 3 per request"):
+            await classifier.classify(model, [b"not an image"] * 4, 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_refuses_before_decoding() -> None:
+    async def scenario() -> None:
+        batcher = Batcher(_never, max_batch_size=2, max_queue_delay_s=0.001, queue_capacity=3)
+        classifier, model = _classifier_over(batcher)
+        waiting = asyncio.ensure_future(batcher.infer(np.zeros((3, 1), np.float32)))
+        await asyncio.sleep(0)  # not started: the three items stay queued
+        with pytest.raises(Overloaded, match="3 of 3 queue places taken"):
+            await classifier.classify(model, [b"not an image"], 1)
+        waiting.cancel()
+
+    asyncio.run(scenario())
