@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from training.config import TrainConfig
-from training.data import DATASETS, DEFAULT_DATA_DIR, DataConfig
+from training.data import DATASETS, DEFAULT_DATA_DIR, PUBLIC_DATASETS, DataConfig
 from training.errors import ConfigError, TrainingError
 from training.model_config import ACTIVATIONS, HEADS, POOLINGS, PRESETS, preset_help
 
@@ -300,6 +300,39 @@ def _run_train(args: argparse.Namespace, started: float) -> int:
     return 0
 
 
+SPLIT_KEYS = ("split_seed", "max_samples", "val_fraction", "test_fraction")
+"""The data options that decide which images end up in the test split of mnist5k/imagefolder."""
+
+
+def check_held_out_split(stored: dict[str, Any], values: dict[str, Any]) -> None:
+    """Refuses to evaluate on a test split other than the one the model was trained beside.
+
+    mnist5k and imagefolder draw train/val/test from one pool with the split seed (and, after
+    --max-samples, from a seeded subsample): another seed or cap gives a "test split" that holds
+    training images, and an inflated accuracy. The public data sets test on their official test
+    set, which no split option moves into training, so there any override is allowed.
+    """
+    dataset = values.get("dataset")
+    if not stored or dataset in PUBLIC_DATASETS or dataset != stored.get("dataset"):
+        return
+    defaults = DataConfig()
+    changed = [
+        key
+        for key in SPLIT_KEYS
+        if values.get(key, getattr(defaults, key)) != stored.get(key, getattr(defaults, key))
+    ]
+    if changed:
+        trained = f"split seed {stored.get('split_seed', defaults.split_seed)}"
+        if stored.get("max_samples") is not None:
+            trained += f" and --max-samples {stored['max_samples']}"
+        options = ", ".join("--" + key.replace("_", "-") for key in changed)
+        raise ConfigError(
+            f"the model was trained on {dataset} with {trained}; evaluating on another split "
+            f"({options}) would include training images and overstate the accuracy; "
+            f"drop {options} to evaluate on the model's own test split"
+        )
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from training.data import load_data
     from training.onnx_eval import evaluate_onnx, read_metadata, training_arguments
@@ -314,6 +347,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     for key in ("dataset", "data_dir", "split_seed", "max_samples"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    check_held_out_split(stored, values)
     dataset = load_data(DataConfig(**values))
     evaluation = evaluate_onnx(path, dataset.test.images, dataset.test.labels, len(dataset.classes))
     print(f"model: {path}")

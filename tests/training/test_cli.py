@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.conftest import write_idx_mnist
 from training.cli import main
 
 
@@ -69,6 +70,54 @@ def test_evaluate_prints_the_accuracy_written_at_export(
     assert f"accuracy: {tiny_version.test_accuracy:.4f} (60 images)" in out
     assert "per-class accuracy:" in out
     assert len([line for line in out.splitlines() if "(6 images)" in line]) == 10
+
+
+@pytest.mark.parametrize(("option", "value"), [("--split-seed", "1"), ("--max-samples", "200")])
+def test_evaluate_refuses_a_split_that_would_hold_training_images(
+    tiny_version, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    # tiny_version: mnist5k, split seed 0, --max-samples 300. Another seed or cap redraws the
+    # split, so its "test split" would be mostly images the model was trained on.
+    assert main(["evaluate", "--model", str(tiny_version.path), option, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(
+        "error: the model was trained on mnist5k with split seed 0 and --max-samples 300; "
+        f"evaluating on another split ({option}) would include training images"
+    )
+    assert "accuracy" not in captured.out
+
+
+def test_evaluate_accepts_the_split_the_model_was_trained_with(
+    tiny_version, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["evaluate", "--model", str(tiny_version.path), "--split-seed", "0"]
+    assert main([*args, "--max-samples", "300"]) == 0
+    assert f"accuracy: {tiny_version.test_accuracy:.4f} (60 images)" in capsys.readouterr().out
+
+
+def test_evaluate_on_an_official_test_set_allows_any_split_seed(
+    tiny_version, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The public data sets test on their official test set: the split seed only moves the
+    # validation images, and --max-samples subsamples the test set itself.
+    write_idx_mnist(tmp_path, train=200, test=50)
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_version.path),
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path),
+            "--split-seed",
+            "7",
+            "--max-samples",
+            "30",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "(30 images)" in capsys.readouterr().out
 
 
 def test_evaluate_of_a_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
