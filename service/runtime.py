@@ -45,9 +45,24 @@ class RuntimeOptions:
     allow_spinning: bool = False
 
 
-def requested_providers(setting: str, available: Sequence[str]) -> list[str]:
-    """The provider list to ask ONNX Runtime for: `auto` takes CUDA only when it is built in."""
-    if setting == "cpu" or (setting == "auto" and CUDA not in available):
+# Device nodes the NVIDIA driver creates (and the container toolkit / k8s device plugin mount
+# into a container given a GPU); /dev/dxg is WSL2's GPU. Cheap to test, no CUDA import.
+GPU_DEVICE_NODES = (Path("/dev/nvidiactl"), Path("/dev/nvidia0"), Path("/dev/dxg"))
+
+
+def gpu_device_present() -> bool:
+    """True when a GPU device node exists: only then is CUDA worth trying under `auto`."""
+    return any(node.exists() for node in GPU_DEVICE_NODES)
+
+
+def requested_providers(setting: str, available: Sequence[str], gpu_present: bool) -> list[str]:
+    """The provider list to ask ONNX Runtime for.
+
+    `cpu`: CPU. `cuda`: CUDA then CPU, always. `auto`: CUDA then CPU when the installed ONNX
+    Runtime has the CUDA provider and a GPU device is present, else CPU alone (a CPU host with
+    onnxruntime-gpu installed then neither tries CUDA nor counts as a fallback).
+    """
+    if setting == "cpu" or (setting == "auto" and (CUDA not in available or not gpu_present)):
         return [CPU]
     return [CUDA, CPU]
 
@@ -93,7 +108,15 @@ class OnnxModel:
         session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         session_options.log_severity_level = 3  # ORT's own warnings are noise; we log what matters
-        providers = requested_providers(options.providers, ort.get_available_providers())
+        available = ort.get_available_providers()
+        gpu_present = gpu_device_present()
+        providers = requested_providers(options.providers, available, gpu_present)
+        if options.providers == "auto" and CUDA in available and not gpu_present:
+            logger.info(
+                "model %s version %s: providers=auto: no NVIDIA GPU found, using "
+                "CPUExecutionProvider (no device node of %s)",
+                name, version, ", ".join(map(str, GPU_DEVICE_NODES)),
+            )  # fmt: skip
         wants_cuda = CUDA in providers
         try:
             session = ort.InferenceSession(

@@ -72,7 +72,7 @@ class Settings:
     providers: str = field(
         default="auto",
         metadata=_doc(
-            "ONNX Runtime providers: auto (CUDA when usable, else CPU), cuda, cpu",
+            "ONNX Runtime providers: auto (CUDA if built in and a GPU is present), cuda, cpu",
             choices=PROVIDERS,
         ),
     )

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
+from service import runtime
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
@@ -101,6 +103,60 @@ def test_cuda_request_falling_back_to_cpu_is_loud(
     assert any(
         "asked for CUDA" in r.getMessage() and "runs on the CPU" in r.getMessage() for r in warnings
     )
+
+
+def test_auto_without_a_gpu_device_uses_the_cpu_quietly_and_is_no_fallback(
+    start_server: StartServer,
+    tiny_repository: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runtime, "gpu_device_present", lambda: False)
+    with caplog.at_level(logging.INFO, logger="service.runtime"):
+        running = start_server(tiny_repository, providers="auto")
+    labels = {"model": "tiny", "version": "1"}
+    assert running.metric("convserve_provider_fallback", **labels) == 0
+    info = {"provider": "CPUExecutionProvider", "requested": "auto"}
+    assert running.metric("convserve_model_info", **labels, **info) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert any(
+            "providers=auto: no NVIDIA GPU found, using CPUExecutionProvider" in m for m in messages
+        )
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_auto_with_a_gpu_device_that_ends_on_the_cpu_is_a_fallback(
+    start_server: StartServer, tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has no CUDA provider: auto never asks for CUDA")
+    monkeypatch.setattr(runtime, "gpu_device_present", lambda: True)
+    running = start_server(tiny_repository, providers="auto")
+    model = running.server.models.resolve("tiny")  # type: ignore[union-attr]
+    if model.runtime.provider == "CUDAExecutionProvider":
+        pytest.skip("CUDA works on this machine: nothing falls back")
+    assert running.metric("convserve_provider_fallback", model="tiny", version="1") == 1
+
+
+GPU_BUILD = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+CPU_ONLY = ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "available", "gpu_present", "expected"),
+    [
+        ("cpu", GPU_BUILD, True, CPU_ONLY),
+        ("auto", CPU_ONLY, True, CPU_ONLY),
+        ("auto", GPU_BUILD, False, CPU_ONLY),
+        ("auto", GPU_BUILD, True, GPU_BUILD),
+        ("cuda", CPU_ONLY, False, GPU_BUILD),
+    ],
+)
+def test_requested_providers(
+    setting: str, available: list[str], gpu_present: bool, expected: list[str]
+) -> None:
+    assert runtime.requested_providers(setting, available, gpu_present) == expected
 
 
 async def test_concurrent_requests_are_batched_and_answered_with_their_own_results(
