@@ -1,11 +1,13 @@
 """Writing versions into the model repository (docs/model-repository.md), never overwriting one.
 
-A version is prepared completely in ``<model>/.tmp-<random>/`` and then published by one
-rename to ``<model>/<N>/`` with ``N = max(existing) + 1``. The rename must fail if ``N`` exists:
-plain ``rename(2)`` silently replaces an existing *empty* directory, so on Linux the rename is
-``renameat2(RENAME_NOREPLACE)``. Where that call is missing, an existence check comes first and
-``rename(2)`` still refuses any non-empty directory (every published version is non-empty).
-If ``N`` was taken meanwhile (another trainer won the race), the next number is tried.
+A version is a positive-integer directory holding ``model.onnx`` (what the service serves). It is
+prepared completely in ``<model>/.tmp-<random>/`` and then published by one rename to
+``<model>/<N>/``, ``N`` one past the largest integer directory, empty or not. The rename must
+fail if ``N`` exists: plain ``rename(2)`` silently replaces an existing *empty* directory, so on
+Linux the rename is ``renameat2(RENAME_NOREPLACE)``. Where that call is missing, an existence
+check comes first and ``rename(2)`` still refuses any non-empty directory (every published
+version is non-empty). If ``N`` was taken meanwhile (another trainer won the race), the next
+number is tried.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 TMP_PREFIX = ".tmp-"
+MODEL_FILE = "model.onnx"
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _MAX_ATTEMPTS = 100
@@ -40,8 +43,8 @@ def check_model_name(name: str) -> None:
         )
 
 
-def versions(model_dir: Path) -> list[int]:
-    """The published versions of a model, ascending; non-integer entries are ignored."""
+def _numbered_directories(model_dir: Path) -> list[int]:
+    """Every directory named by a positive integer, ascending, whether it holds a model or not."""
     if not model_dir.is_dir():
         return []
     found = []
@@ -51,9 +54,27 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(found)
 
 
+def versions(model_dir: Path) -> list[int]:
+    """The published versions of a model, ascending: integer directories holding a model.onnx.
+
+    The service serves only such directories (docs/model-repository.md); an empty or
+    half-copied ``1/`` is no version, so ``--if-missing`` must not count it either.
+    """
+    return [
+        n for n in _numbered_directories(model_dir) if (model_dir / str(n) / MODEL_FILE).is_file()
+    ]
+
+
 def latest_version(model_dir: Path) -> int | None:
     published = versions(model_dir)
     return published[-1] if published else None
+
+
+def next_version_number(model_dir: Path) -> int:
+    """One past every integer directory, with a model or not: an export never lands in (or
+    below) a directory someone else made, so the new version is also the latest."""
+    taken = _numbered_directories(model_dir)
+    return taken[-1] + 1 if taken else 1
 
 
 @contextlib.contextmanager
@@ -93,8 +114,7 @@ def _rename_noreplace(source: Path, target: Path) -> None:
 def publish(staging: Path, model_dir: Path) -> tuple[int, Path]:
     """Renames a complete staging directory to the next free version; returns (N, path)."""
     for _ in range(_MAX_ATTEMPTS):
-        existing = versions(model_dir)
-        number = existing[-1] + 1 if existing else 1
+        number = next_version_number(model_dir)
         while (model_dir / str(number)).exists():  # e.g. an empty or stray directory
             number += 1
         target = model_dir / str(number)
@@ -116,11 +136,11 @@ def resolve_model_path(path: Path) -> Path:
     """``model.onnx`` from a file, a version directory, or a model directory (latest version)."""
     if path.is_file():
         return path
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
     latest = latest_version(path)
     if latest is not None:
-        return path / str(latest) / "model.onnx"
+        return path / str(latest) / MODEL_FILE
     raise RepositoryError(
         f"no model at '{path}': give a model.onnx file, a version directory "
         f"(<repository>/<model>/<N>) or a model directory (<repository>/<model>, latest version)"

@@ -62,6 +62,22 @@ def test_if_missing_does_nothing_when_a_version_exists(tiny_version) -> None:
     assert sorted(p.name for p in (repository / "tiny_cnn").iterdir()) == ["1"]
 
 
+def test_if_missing_trains_when_the_only_version_directory_is_empty(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A stray empty 1/ is no model for the server: --if-missing must train, into 2/.
+    model_dir = tmp_path / "r" / "tiny_cnn"
+    (model_dir / "1").mkdir(parents=True)
+    args = ["train", "--repository", str(tmp_path / "r"), "--model-name", "tiny_cnn"]
+    args += ["--if-missing", "--max-samples", "300", "--epochs", "1", "--blocks", "8/16"]
+    args += ["--hidden", "32", "--augment", "none", "--checkpoint-dir", str(tmp_path / "runs")]
+    args += ["--no-report", "--no-progress", "-q"]
+    assert main(args) == 0
+    assert f"wrote version 2: {model_dir / '2'}" in capsys.readouterr().out
+    assert (model_dir / "2" / "model.onnx").is_file()
+    assert list((model_dir / "1").iterdir()) == []
+
+
 def test_evaluate_prints_the_accuracy_written_at_export(
     tiny_version, capsys: pytest.CaptureFixture[str]
 ) -> None:

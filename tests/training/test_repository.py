@@ -10,6 +10,7 @@ from training import repository
 from training.errors import RepositoryError
 from training.repository import (
     check_model_name,
+    latest_version,
     publish,
     resolve_model_path,
     staging_directory,
@@ -52,6 +53,20 @@ def test_an_existing_version_is_never_overwritten(tmp_path: Path) -> None:
     assert stage(model_dir, "new") == model_dir / "3"
     assert (model_dir / "1" / "model.onnx").read_text() == "precious"
     assert list((model_dir / "2").iterdir()) == []
+
+
+def test_an_empty_version_directory_is_no_version_and_is_never_reused(tmp_path: Path) -> None:
+    # The service serves only integer directories holding a model.onnx; a stray empty 1/ is
+    # not a version (so --if-missing must train), yet the next export still skips its name.
+    model_dir = tmp_path / "m"
+    (model_dir / "1").mkdir(parents=True)
+    assert versions(model_dir) == []
+    assert latest_version(model_dir) is None
+    with pytest.raises(RepositoryError):
+        resolve_model_path(model_dir)
+    assert stage(model_dir, "new") == model_dir / "2"
+    assert versions(model_dir) == [2]
+    assert list((model_dir / "1").iterdir()) == []
 
 
 def test_rename_refuses_an_existing_empty_directory(tmp_path: Path) -> None:
