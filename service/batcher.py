@@ -178,7 +178,7 @@ class Batcher:
                         logger.exception("model %s: could not start a batch", self.name)
                     continue
                 timeout = self.max_queue_delay_s - waited
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
     def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:

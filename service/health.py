@@ -44,7 +44,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         them to send it before the server stops writing)."""
         await self._publish(NOT_SERVING, close=True)
         async with self._changed:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: not self._watchers), timeout_s
                 )

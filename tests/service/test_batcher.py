@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +178,17 @@ async def test_close_fails_waiting_requests_and_refuses_new_ones() -> None:
         await waiting
     with pytest.raises(Exception, match="shutting down"):
         await batcher.infer(items(3))
+
+
+def test_service_code_names_asyncio_timeout_error() -> None:
+    """asyncio.wait_for raises asyncio.TimeoutError, which on Python 3.10 (the GPU image's
+    python3.10; pyproject allows >=3.10) is not the builtin TimeoutError: catching the
+    builtin there lets the timeout escape. The service must name asyncio.TimeoutError."""
+    service = Path(__file__).resolve().parents[2] / "service"
+    bare = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(service.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Name) and node.id == "TimeoutError"
+    ]
+    assert not bare, f"builtin TimeoutError in service code (use asyncio.TimeoutError): {bare}"
