@@ -8,6 +8,11 @@ batches from a bounded FIFO queue:
 - while batches are computing, requests accumulate; a further batch starts (up to
   `max_concurrent_batches`) when `max_batch_size` items wait or the oldest has waited
   `max_queue_delay_s`; otherwise the queue empties into the next free slot;
+- so `max_queue_delay_s` only matters with `max_concurrent_batches` > 1: it bounds how long
+  requests wait for a fuller batch while a free slot stands idle beside a computing batch. With
+  one slot (the default) no slot is ever free while a batch computes, and the next batch starts
+  the moment the running one ends, whatever the delay: the batch size comes from what piled up
+  meanwhile, and no request ever waits on the delay;
 - a batch never holds more than `max_batch_size` items; a request larger than that is split
   into chunks and its results joined back;
 - results are split back in order; an error in a batch reaches every request of that batch;

@@ -99,7 +99,8 @@ class Settings:
     max_queue_delay_us: int = field(
         default=2000,
         metadata=_doc(
-            "longest a request waits for a fuller batch while another batch is computing, in µs"
+            "longest a request waits for a fuller batch while another batch computes and a "
+            "slot is free, in µs (no effect with max_concurrent_batches 1)"
         ),
     )
     max_concurrent_batches: int = field(

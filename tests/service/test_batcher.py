@@ -101,19 +101,37 @@ async def test_request_larger_than_max_batch_size_is_split_and_joined() -> None:
     await batcher.close()
 
 
-async def test_while_a_batch_runs_requests_wait_at_most_the_queue_delay() -> None:
-    runtime = FakeRuntime(delay_s=0.3)
+async def test_with_two_slots_the_queue_delay_bounds_the_wait_beside_a_running_batch() -> None:
+    runtime = FakeRuntime(delay_s=0.6)
     recorder = Recorder()
-    batcher = make(runtime, max_concurrent_batches=2, max_queue_delay_s=0.02, observer=recorder)
+    batcher = make(runtime, max_concurrent_batches=2, max_queue_delay_s=0.15, observer=recorder)
     first = asyncio.create_task(batcher.infer(items(1)))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.02)  # the first batch computes; one slot is free
+    second = asyncio.create_task(batcher.infer(items(2)))  # queue far from full
+    await asyncio.sleep(0.05)
+    assert len(runtime.batches) == 1  # waiting for a fuller batch, not started yet
+    await asyncio.sleep(0.25)
+    assert len(runtime.batches) == 2  # started after ~the delay, the first still computing
+    assert not first.done()
+    await asyncio.gather(first, second)
+    assert 0.14 <= recorder.waits[1] < 0.4  # the second request waited about the delay
+    await batcher.close()
+
+
+async def test_with_one_slot_the_queue_delay_has_no_effect() -> None:
+    runtime = FakeRuntime(delay_s=0.2)
+    recorder = Recorder()
+    batcher = make(runtime, max_concurrent_batches=1, max_queue_delay_s=5.0, observer=recorder)
     loop = asyncio.get_running_loop()
     started = loop.time()
+    first = asyncio.create_task(batcher.infer(items(1)))
+    await asyncio.sleep(0.02)
     second = asyncio.create_task(batcher.infer(items(2)))
-    await asyncio.sleep(0.1)  # the first batch still runs; the second must have started
-    assert len(runtime.batches) == 2
     await asyncio.gather(first, second)
-    assert loop.time() - started < 0.4
+    # the second batch started the moment the first ended, not after the 5 s delay
+    assert loop.time() - started < 1.0
+    assert recorder.sizes == [1, 1]
+    assert recorder.waits[1] < 0.5
     await batcher.close()
 
 
