@@ -68,9 +68,10 @@ def requested_providers(setting: str, available: Sequence[str], gpu_present: boo
 
 
 def warm_up_batch_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two up to max_batch_size, and max_batch_size itself."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
-    return sorted({*sizes, max_batch_size})
+    """Every batch size 1..max_batch_size: the batcher forms any of them, and a size seen
+    first in a user request would pay for its set-up there (on CUDA, cuDNN's algorithm search
+    runs per input shape)."""
+    return list(range(1, max_batch_size + 1))
 
 
 class OnnxModel:

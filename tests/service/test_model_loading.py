@@ -12,6 +12,7 @@ import pytest
 from service._proto import grpc_service_pb2 as pb2
 from service.errors import ConfigurationError
 from service.repository import ModelRepository
+from service.runtime import OnnxModel, warm_up_batch_sizes
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import StartServer, random_images
 from tests.service.model_builders import write_broken_version, write_model_without_metadata
@@ -91,3 +92,19 @@ def test_a_broken_model_is_reported_and_does_not_take_the_others_down(
     # ... and ready with the healthy ones when relaxed.
     relaxed = start_server(tmp_path, strict_readiness=False)
     assert relaxed.inference_stub().ServerReady(pb2.ServerReadyRequest()).ready
+
+
+def test_every_batch_size_up_to_max_batch_size_is_warmed_up(
+    start_server: StartServer, tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert warm_up_batch_sizes(1) == [1]
+    warmed: list[int] = []
+    real_run = OnnxModel.run_blocking
+
+    def recording_run(self: OnnxModel, images: np.ndarray) -> np.ndarray:
+        warmed.append(len(images))
+        return real_run(self, images)
+
+    monkeypatch.setattr(OnnxModel, "run_blocking", recording_run)
+    start_server(tiny_repository, max_batch_size=6)
+    assert warmed == [1, 2, 3, 4, 5, 6]  # the batcher forms any size; none is new to a request
