@@ -5,12 +5,19 @@ weights so far, the configurations it was made with and every random generator's
 ``--resume last.pt`` continues with the same batches, augmentations and dropout masks as an
 uninterrupted run. ``best.pt`` holds the best weights (highest validation accuracy) with their
 configuration. Both are written to a temporary file first and renamed into place.
+
+Every run writes into its own directory, ``<checkpoint_dir>/<model_name>/<UTC time>-<pid>-<hex>``
+(:func:`run_directory`): two trainings of one model at once must not overwrite each other's
+``last.pt``, and ``--resume`` must not continue someone else's run. A resumed run is a new run
+with a new directory; the ``last.pt`` it started from stays as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,16 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+def run_directory(checkpoint_dir: Path, model_name: str) -> Path:
+    """Where one run's checkpoints go; not created yet (:func:`training.train.main` makes it).
+
+    Sorted by start time; the process id and a random suffix keep runs that start in the same
+    second apart, and the directory is made with ``exist_ok=False`` so a clash fails loudly.
+    """
+    started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return checkpoint_dir / model_name / f"{started}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

@@ -164,7 +164,8 @@ def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--checkpoint-dir",
         default=TrainConfig.checkpoint_dir,
-        help="checkpoints go to <dir>/<model-name>/last.pt and best.pt",
+        help="each run's checkpoints go to <dir>/<model-name>/<UTC time>-<pid>-<hex>/last.pt "
+        "and best.pt",
     )
     out.add_argument("--resume", default=None, help="continue from this last.pt")
     out.add_argument("--no-report", dest="report", action="store_false")
@@ -290,9 +291,19 @@ def _run_train(args: argparse.Namespace, started: float) -> int:
                 f"nothing to do (--if-missing)"
             )
             return 0
+    from training.checkpoint import LAST, run_directory
     from training.train import main as train_main
 
-    published = train_main(train_config(args))
+    config = train_config(args)
+    run_dir = run_directory(Path(args.checkpoint_dir), args.model_name)
+    try:
+        published = train_main(config, run_dir)
+    except KeyboardInterrupt:
+        if (run_dir / LAST).is_file():
+            print(f"interrupted; continue with --resume {run_dir / LAST}", file=sys.stderr)
+        else:
+            print("interrupted before the first epoch ended; nothing to resume", file=sys.stderr)
+        return 130
     print(f"wrote version {published.version}: {published.path}")
     if published.evaluation is not None:
         print(f"test accuracy (ONNX Runtime): {published.evaluation.accuracy:.4f}")
@@ -409,8 +420,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.command == "train":
-            hint = Path(args.checkpoint_dir) / args.model_name / "last.pt"
-            print(f"interrupted; continue with --resume {hint}", file=sys.stderr)
+    except KeyboardInterrupt:  # train answers its own (with the run's --resume path)
         return 130

@@ -47,7 +47,7 @@ class TrainConfig:
     model_name: str = "mnist_cnn"
     """The model's directory inside the repository."""
     checkpoint_dir: str = "runs"
-    """Checkpoints go to <checkpoint_dir>/<model_name>/{last,best}.pt."""
+    """Each run's checkpoints go to <checkpoint_dir>/<model_name>/<run>/{last,best}.pt."""
     resume: str | None = None
     """A last.pt to continue from (its data, model and optimiser settings are used)."""
     report: bool = True

@@ -177,8 +177,12 @@ def resolve_model_config(config: TrainConfig, dataset: Dataset) -> ModelConfig:
     )
 
 
-def main(config: TrainConfig) -> PublishedVersion:
-    """Trains, exports and publishes one new version; returns where it went."""
+def main(config: TrainConfig, run_dir: Path | None = None) -> PublishedVersion:
+    """Trains, exports and publishes one new version; returns where it went.
+
+    Checkpoints go to ``run_dir`` (default: a new :func:`training.checkpoint.run_directory`),
+    which must not exist yet: every run, a resumed one too, has a directory of its own.
+    """
     started = time.monotonic()
     resume_state = None
     if config.resume:
@@ -192,14 +196,11 @@ def main(config: TrainConfig) -> PublishedVersion:
     mean, std = channel_stats(dataset.train.images)
     classifier = build_classifier(model_config, mean, std).to(device)
     logger.info("model: %s on %s", model_config, device)
-    result = fit(
-        classifier,
-        dataset,
-        config,
-        device,
-        Path(config.checkpoint_dir) / config.model_name,
-        resume_state,
-    )
+    if run_dir is None:
+        run_dir = ckpt.run_directory(Path(config.checkpoint_dir), config.model_name)
+    run_dir.mkdir(parents=True, exist_ok=False)
+    logger.info("checkpoints of this run: %s", run_dir)
+    result = fit(classifier, dataset, config, device, run_dir, resume_state)
     classifier.load_state_dict(result.best_state)
     training_record = {
         **config.to_dict(),

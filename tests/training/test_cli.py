@@ -78,6 +78,25 @@ def test_if_missing_trains_when_the_only_version_directory_is_empty(
     assert list((model_dir / "1").iterdir()) == []
 
 
+def test_interrupt_prints_the_resume_path_of_this_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import train
+
+    def interrupted(config, run_dir):
+        run_dir.mkdir(parents=True)
+        (run_dir / "last.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted)
+    args = ["train", "--repository", str(tmp_path / "r"), "--checkpoint-dir", str(tmp_path)]
+    assert main(args) == 130
+    (run,) = (tmp_path / "mnist_cnn").iterdir()
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted; continue with --resume {run / 'last.pt'}"
+    )
+
+
 def test_evaluate_prints_the_accuracy_written_at_export(
     tiny_version, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -144,12 +144,31 @@ def test_resume_refuses_to_stretch_a_planned_schedule(tmp_path: Path) -> None:
 def test_resume_of_a_finished_run_exports_its_best_weights_again(tmp_path: Path) -> None:
     config = tiny_train_config(tmp_path, report=False)
     first = main(config)
-    last = Path(config.checkpoint_dir) / "tiny_cnn" / checkpoint.LAST
+    (run,) = (Path(config.checkpoint_dir) / "tiny_cnn").iterdir()
+    last = run / checkpoint.LAST
     again = main(replace(config, resume=str(last), seed=99))  # the checkpoint's seed wins
     assert (first.version, again.version) == (1, 2)
     assert again.test_accuracy == first.test_accuracy
     metadata = json.loads((again.path / "metadata.json").read_text())
     assert metadata["convserve.training"]["seed"] == 0
+
+
+def test_every_run_has_its_own_checkpoint_directory(tmp_path: Path) -> None:
+    # Two trainings of one model (at once, or one resuming) must not share last.pt/best.pt.
+    config = tiny_train_config(tmp_path, epochs=1, report=False)
+    main(config)
+    main(config)
+    runs = sorted((Path(config.checkpoint_dir) / "tiny_cnn").iterdir())
+    assert len(runs) == 2
+    for run in runs:
+        assert sorted(p.name for p in run.iterdir()) == [checkpoint.BEST, checkpoint.LAST]
+    # <UTC start>-<pid>-<hex>: sorted by start time, apart within one second and one process.
+    assert all(len(run.name.split("-")) == 3 and run.name[8] == "T" for run in runs)
+
+
+def test_run_directories_of_one_process_in_one_second_differ(tmp_path: Path) -> None:
+    names = {checkpoint.run_directory(tmp_path, "m").name for _ in range(50)}
+    assert len(names) == 50
 
 
 def test_device_choice() -> None:
