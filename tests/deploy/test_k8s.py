@@ -89,6 +89,10 @@ def test_server_pod_probes_grpc_health_and_runs_unprivileged(variant: str) -> No
     assert ports == {"grpc": 8001, "metrics": 8002}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+    # readiness follows the models; liveness only the process (no restart loop for a bad model)
+    assert container["startupProbe"]["grpc"].get("service", "") == ""
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False

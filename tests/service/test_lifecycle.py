@@ -21,8 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from tests.model_factory import TinySpec, reference_logits
+from service.health import LIVENESS_SERVICE, HealthService
+from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import REPO_ROOT, StartServer, python, random_images
+from tests.service.model_builders import write_broken_version
 from tests.service.test_inference_api import infer_request, logits_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -65,6 +67,29 @@ def test_watch_streams_end_when_draining(start_server: StartServer, tiny_reposit
     running.run(running.server.stop())
     assert time.monotonic() - started < 5, "an open Watch held the shutdown"
     assert [reply.status for reply in stream] == [NOT_SERVING]
+
+
+def test_liveness_stays_serving_while_a_model_is_broken(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    write_version(tmp_path, "good", 1, TinySpec())
+    write_broken_version(tmp_path, "broken", 1)
+    running = start_server(tmp_path, load=False)
+    assert health_check(running.address, "liveness") == SERVING  # alive while loading
+    running.load()
+    assert health_check(running.address, "") == NOT_SERVING  # strict readiness: not ready
+    assert health_check(running.address, "liveness") == SERVING  # but no restart loop
+
+
+async def test_liveness_turns_not_serving_when_draining() -> None:
+    health = HealthService(["inference.GRPCInferenceService"])
+    await health.set_serving(False)
+    names = ("", "inference.GRPCInferenceService")
+    assert [health.status(name) for name in names] == [NOT_SERVING, NOT_SERVING]
+    assert health.status(LIVENESS_SERVICE) == SERVING
+    await health.set_serving(True)
+    await health.close(timeout_s=0.1)
+    assert [health.status(name) for name in (*names, LIVENESS_SERVICE)] == [NOT_SERVING] * 3
 
 
 def test_unknown_health_service_is_not_found(
