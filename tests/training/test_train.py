@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,6 +170,21 @@ def test_every_run_has_its_own_checkpoint_directory(tmp_path: Path) -> None:
 def test_run_directories_of_one_process_in_one_second_differ(tmp_path: Path) -> None:
     names = {checkpoint.run_directory(tmp_path, "m").name for _ in range(50)}
     assert len(names) == 50
+
+
+def test_determinism_settings_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: check the settings a CUDA run depends on. cuBLAS needs the workspace variable
+    # before its first use; a value the user chose wins; warn_only stays on (strict mode raises
+    # on CUDA for adaptive_avg_pool2d backward and nll_loss).
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    make_deterministic(0)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cudnn.benchmark
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    make_deterministic(0)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
 def test_device_choice() -> None:
