@@ -66,6 +66,41 @@ def test_a_model_that_differs_fails_parity_with_the_difference(exported, tiny_da
     assert "0.01" in message
 
 
+class BatchDependent(torch.nn.Module):
+    """The exported classifier, plus a term that is zero for a batch of one and not beyond.
+
+    ``shift``: logits move by 0.01 per extra image (a bug that reads ``x.shape[0]``).
+    ``leak``: each row gets 0.01 x the sum of the other rows (what batch statistics, e.g. batch
+    norm left in training mode, do): every image changes its neighbours' answers.
+    """
+
+    def __init__(self, classifier: torch.nn.Module, kind: str) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.kind = kind
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(images)
+        if self.kind == "shift":
+            return logits + 0.01 * (images.shape[0] - 1)
+        return logits + 0.01 * (logits.sum(dim=0, keepdim=True) - logits)
+
+
+@pytest.mark.parametrize("kind", ["shift", "leak"])
+def test_a_model_that_differs_only_beyond_batch_1_fails_parity_at_batch_n(
+    exported, tiny_dataset, kind: str
+) -> None:
+    # Batch 1 alone cannot catch a graph that is wrong only for real batches (the server's case).
+    classifier, path = exported
+    reference = BatchDependent(classifier, kind)
+    assert check_parity(path, reference, tiny_dataset.test.images, (1,)) < 1e-4
+    with pytest.raises(ExportError) as raised:
+        check_parity(path, reference, tiny_dataset.test.images, (1, 8))
+    assert str(raised.value).startswith(
+        "ONNX Runtime output differs from PyTorch at batch 8: max abs diff"
+    )
+
+
 def test_metadata_follows_the_contract(tmp_path: Path, exported) -> None:
     _, path = exported
     copy_path = tmp_path / "model.onnx"
