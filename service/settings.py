@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,11 @@ from typing import Any
 from service.errors import ConfigurationError
 
 ENV_PREFIX = "CONVSERVE_"
+# CONVSERVE_* variables that are not server settings, so the server lets them be: the client's
+# default address, and docker-compose / nginx interpolation (published ports, the balancer).
+OTHER_CONVSERVE_VARIABLES = frozenset(
+    {"CONVSERVE_ADDRESS", "CONVSERVE_BIND_ADDRESS", "CONVSERVE_BACKEND", "CONVSERVE_LB_PORT"}
+)
 PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -238,6 +244,28 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def check_no_unknown_variables(environ: Mapping[str, str]) -> None:
+    """Raises ConfigurationError on a CONVSERVE_* variable that is no setting (a typo such as
+    CONVSERVE_PROVIDER would otherwise be ignored silently), naming the closest valid one."""
+    known = {env_name(item.name) for item in fields()}
+    unknown = sorted(
+        name for name in environ
+        if name.startswith(ENV_PREFIX) and name not in known | OTHER_CONVSERVE_VARIABLES
+    )  # fmt: skip
+    if not unknown:
+        return
+    names = [item.name for item in fields()]
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX).lower(), names, n=1)
+        hint = f"did you mean {env_name(close[0])}?" if close else "no setting is close"
+        problems.append(f"{name} ({hint})")
+    raise ConfigurationError(
+        f"unknown environment variable {'; '.join(problems)}; a setting's variable is "
+        f"{ENV_PREFIX}<FIELD> (docs/service.md)"
+    )
+
+
 def settings_from(
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -245,6 +273,7 @@ def settings_from(
 ) -> Settings:
     """Builds the settings: defaults, then CONVSERVE_* variables, then flags, then overrides."""
     environ = os.environ if environ is None else environ
+    check_no_unknown_variables(environ)
     values: dict[str, Any] = {}
     for item in fields():
         raw = environ.get(env_name(item.name))

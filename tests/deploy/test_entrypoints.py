@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -99,9 +100,30 @@ def test_server_environments_are_valid_settings(compose: Path) -> None:
 
 def test_a_misspelled_setting_is_caught(compose: Path) -> None:
     settings = module("service.settings")
-    known = {settings.env_name(field.name) for field in settings.fields()}
     env = server_environments(compose)["compose"]
     env["CONVSERVE_PROVIDER"] = env.pop("CONVSERVE_PROVIDERS")
-    assert set(env) - known == {"CONVSERVE_PROVIDER"}
+    with pytest.raises(
+        settings.ConfigurationError,
+        match=r"variable CONVSERVE_PROVIDER \(did you mean CONVSERVE_PROVIDERS\?\)",
+    ):
+        settings.settings_from(argv=[], environ=env)
     with pytest.raises(settings.ConfigurationError, match="choose one of: auto, cuda, cpu"):
         settings.settings_from(argv=[], environ={"CONVSERVE_PROVIDERS": "gpu"})
+
+
+def test_every_other_convserve_variable_of_the_deployment_is_allowed() -> None:
+    """Compose interpolation and nginx variables (CONVSERVE_BIND_ADDRESS, ...) are no settings;
+    the server must not refuse to start when one is exported in its environment."""
+    settings = module("service.settings")
+    known = {settings.env_name(field.name) for field in settings.fields()}
+    files = [*REPO_ROOT.glob("docker-compose*.yml"), *DEPLOY.rglob("*")]
+    used = {
+        name
+        for path in files
+        if path.is_file() and path.suffix != ".json"
+        for name in re.findall(r"\bCONVSERVE_[A-Z0-9_]*[A-Z0-9]", path.read_text())
+    }
+    others = used - known
+    assert others, "expected compose interpolation variables such as CONVSERVE_BIND_ADDRESS"
+    assert others <= settings.OTHER_CONVSERVE_VARIABLES
+    settings.settings_from(argv=[], environ=dict.fromkeys(others, "x"))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigurationError
+from service.server import main
 from service.settings import Settings, build_parser, env_name, fields, flag_name, settings_from
 
 
@@ -80,3 +81,29 @@ def test_every_setting_is_documented() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
     missing = [env_name(item.name) for item in fields() if env_name(item.name) not in docs]
     assert not missing, f"docs/service.md lacks {missing}"
+
+
+def test_unknown_convserve_variables_fail_fast_naming_the_closest_setting() -> None:
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^unknown environment variable CONVSERVE_PROVIDER "
+        r"\(did you mean CONVSERVE_PROVIDERS\?\)",
+    ):
+        settings_from([], {"CONVSERVE_PROVIDER": "cuda"})
+    with pytest.raises(
+        ConfigurationError, match=r"MAX_BATCH \(did you mean CONVSERVE_MAX_BATCH_SIZE"
+    ):
+        settings_from([], {"CONVSERVE_MAX_BATCH": "8"})
+    with pytest.raises(ConfigurationError, match=r"CONVSERVE_ZZZ \(no setting is close\)"):
+        settings_from([], {"CONVSERVE_ZZZ": "1"})
+    # the client's address and compose interpolation are no settings but are let be
+    allowed = {"CONVSERVE_ADDRESS": "h:1", "CONVSERVE_BIND_ADDRESS": "0.0.0.0", "OTHER": "x"}
+    assert settings_from([], allowed).providers == "auto"
+
+
+def test_main_exits_2_on_an_unknown_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONVSERVE_PROVIDER", "cuda")
+    assert main([]) == 2
+    assert "CONVSERVE_PROVIDER (did you mean CONVSERVE_PROVIDERS?)" in capsys.readouterr().err
