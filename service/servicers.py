@@ -7,6 +7,7 @@ status codes by `service.status.Call`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
@@ -83,8 +84,13 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         async with Call("ModelInfer", context, self._metrics) as call:
             model = self._models.resolve(request.model_name, request.model_version)
             call.bind(model.metrics)
-            images = converters.decode_input(request, model.spec)
+            checked = converters.checked_input(request, model.spec)
             outputs = converters.requested_outputs(request, model.spec, self._max_top_k)
+            model.batcher.check_room(checked.shape[0])  # refuse before converting anything
+            if checked.costly:  # a long pass over typed contents: keep the loop free
+                images = await asyncio.to_thread(checked.convert)
+            else:
+                images = checked.convert()
             deadline = call.deadline(converters.request_timeout_s(request))
             values = await model.batcher.infer(images, deadline)
             return converters.encode_infer_response(request, model.spec, outputs, values)

@@ -148,3 +148,24 @@ def test_classify_response_keeps_image_order() -> None:
     response = converters.classify_response(SPEC, results)
     assert [[c.label for c in r.classes] for r in response.results] == [["b"], ["a", "c"]]
     assert response.results[1].classes[0].score == pytest.approx(0.6)
+
+
+def test_typed_contents_not_matching_the_shape_are_refused_before_any_conversion() -> None:
+    request = pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=[3, 1, 4, 5])
+    tensor.contents.uint_contents.extend([7] * 59)
+    with pytest.raises(InvalidInput, match=r"has 59 elements; shape \[3, 1, 4, 5\] needs 60"):
+        converters.checked_input(request, SPEC)
+
+
+def test_only_large_typed_contents_are_costly(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = np.arange(2 * 20, dtype=np.uint8).reshape(2, 1, 4, 5)
+    request = pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=[2, 1, 4, 5])
+    tensor.contents.uint_contents.extend(images.ravel().tolist())
+    checked = converters.checked_input(request, SPEC)
+    assert (checked.shape, checked.elements, checked.costly) == ((2, 1, 4, 5), 40, False)
+    monkeypatch.setattr(converters, "INLINE_CONVERSION_LIMIT", 39)
+    assert checked.costly
+    assert not converters.checked_input(raw_request(images), SPEC).costly  # raw: no copy
+    np.testing.assert_array_equal(checked.convert(), images)

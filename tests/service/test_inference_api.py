@@ -10,11 +10,13 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from service import converters
 from service._proto import grpc_service_pb2 as pb2
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import RunningServer, StartServer, random_images
@@ -250,3 +252,25 @@ def test_oversized_message_is_refused_by_grpc(
     error = rpc_error(running.inference_stub().ModelInfer, infer_request(random_images(8, 9)))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_still_serving(running)
+
+
+def test_large_typed_contents_are_converted_off_the_event_loop(
+    start_server: StartServer, tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    real = converters.typed_to_uint8
+
+    def recording(*args: Any) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(converters, "typed_to_uint8", recording)
+    monkeypatch.setattr(converters, "INLINE_CONVERSION_LIMIT", 0)  # every typed input is large
+    running = start_server(tiny_repository)
+    images = random_images(2, 5)
+    request = pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
+    tensor.contents.uint_contents.extend(images.ravel().tolist())
+    response = running.inference_stub().ModelInfer(request)
+    assert response.model_name == "tiny"
+    assert threads and threads[0] != running.thread.name  # not the event loop's thread
