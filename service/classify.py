@@ -11,27 +11,18 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.errors import InvalidInput
 from service.images import decode_image
+from service.results import ScoredClass
 
 if TYPE_CHECKING:
     from service.models import LoadedModel
 
 DEFAULT_TOP_K = 5
-
-
-@dataclass(frozen=True)
-class ScoredClass:
-    """One class of one image: its label, index and softmax probability."""
-
-    label: str
-    index: int
-    score: float
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@
 
 `--address` defaults to $CONVSERVE_ADDRESS, else 127.0.0.1:8001. Exit status: 0 on success,
 1 when the server answers with an error or cannot be reached, 2 on bad usage.
+
+`health` is the Docker HEALTHCHECK (every 10 s), so this module imports only grpc and
+grpc_health at the top; the other commands import numpy and the protocol modules themselves.
 """
 
 from __future__ import annotations
@@ -20,14 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from service._proto import classification_pb2 as cls_pb2
-from service._proto import classification_pb2_grpc as cls_grpc
-from service._proto import grpc_service_pb2 as pb2
-from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.converters import NUMPY_DTYPES, deserialize_bytes
 
 DEFAULT_ADDRESS = "127.0.0.1:8001"
 
@@ -41,6 +37,9 @@ def health(channel: grpc.Channel, args: argparse.Namespace) -> int:
 
 
 def metadata(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    from service._proto import grpc_service_pb2 as pb2
+    from service._proto import grpc_service_pb2_grpc as pb2_grpc
+
     stub = pb2_grpc.GRPCInferenceServiceStub(channel)
     server = stub.ServerMetadata(pb2.ServerMetadataRequest(), timeout=args.timeout)
     ready = stub.ServerReady(pb2.ServerReadyRequest(), timeout=args.timeout).ready
@@ -56,6 +55,9 @@ def metadata(channel: grpc.Channel, args: argparse.Namespace) -> int:
 
 
 def classify(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    from service._proto import classification_pb2 as cls_pb2
+    from service._proto import classification_pb2_grpc as cls_grpc
+
     images = [Path(path).read_bytes() for path in args.images]
     request = cls_pb2.ClassifyRequest(
         images=images, model_name=args.model, model_version=args.version, top_k=args.top_k
@@ -90,6 +92,12 @@ def classify(channel: grpc.Channel, args: argparse.Namespace) -> int:
 
 
 def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from service._proto import grpc_service_pb2 as pb2
+    from service._proto import grpc_service_pb2_grpc as pb2_grpc
+    from service.converters import NUMPY_DTYPES, deserialize_bytes
+
     stub = pb2_grpc.GRPCInferenceServiceStub(channel)
     model = stub.ModelMetadata(pb2.ModelMetadataRequest(name=args.model), timeout=args.timeout)
     tensor = model.inputs[0]

@@ -16,9 +16,9 @@ import numpy as np
 
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
-from service.classify import ScoredClass
 from service.errors import InvalidInput
 from service.repository import ModelSpec
+from service.results import ScoredClass
 
 PLATFORM = "onnxruntime_onnx"
 

@@ -24,6 +24,23 @@ def test_health_command_as_the_dockerfile_runs_it(tiny_server: RunningServer) ->
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING")
 
 
+def test_health_command_imports_only_grpc(tiny_server: RunningServer) -> None:
+    """The Docker HEALTHCHECK runs it every 10 s: no numpy, Pillow or server modules."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = ['client', 'health', '--address', {tiny_server.address!r}]\n"
+        "try:\n"
+        "    runpy.run_module('service.client', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    heavy = {'numpy', 'PIL', 'onnxruntime', 'service.converters', 'service.classify'}\n"
+        "    print(done.code, sorted(heavy & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [python(), "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.splitlines()[-1] == "0 []", result.stdout + result.stderr
+
+
 def test_health_is_non_zero_when_not_serving(
     start_server: StartServer, tiny_repository: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

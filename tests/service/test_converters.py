@@ -7,9 +7,9 @@ import pytest
 
 from service import converters
 from service._proto import grpc_service_pb2 as pb2
-from service.classify import ScoredClass
 from service.errors import InvalidInput
 from service.repository import ModelSpec, Preprocessing
+from service.results import ScoredClass
 
 SPEC = ModelSpec(
     name="tiny",
