@@ -145,8 +145,9 @@ class ModelManager:
                 f"--model-version {entry.name}=N)"
             )
         if record.state is ModelState.FAILED:
-            raise ModelNotFound(
-                f"model {entry.name} version {record.version_text} failed to load: {record.reason}"
+            raise ModelNotFound(  # the reason (paths, ONNX Runtime's text) stays in the log
+                f"model {entry.name} version {record.version_text} failed to load; "
+                "see the server log"
             )
         if record.state is ModelState.LOADING or record.loaded is None:
             raise ModelNotReady(
