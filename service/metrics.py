@@ -113,7 +113,8 @@ class Metrics:
         )  # fmt: skip
         self.server_ready = Gauge(
             "convserve_server_ready",
-            "1 when every model is ready and the server is not draining.",
+            "1 when the server is ready (ServerReady): not draining, and every model ready "
+            "(strict readiness) or at least one (relaxed).",
             registry=registry,
         )
 
