@@ -70,7 +70,7 @@ class Metrics:
         self.image_decode = Histogram(
             "convserve_image_decode_seconds",
             "Decode + convert + resize time of one image.",
-            ["model"], buckets=LATENCY_BUCKETS_S, registry=registry,
+            model, buckets=LATENCY_BUCKETS_S, registry=registry,
         )  # fmt: skip
         self.batch_size = Histogram(
             "convserve_batch_size", "Items per executed batch.", model,
@@ -150,7 +150,7 @@ class ModelMetrics:
         self._queue_depth = metrics.queue_depth.labels(*labels)
         self._rejections = metrics.rejections.labels(*labels)
         self.in_flight = metrics.in_flight.labels(*labels)
-        self.image_decode = metrics.image_decode.labels(name)
+        self.image_decode = metrics.image_decode.labels(*labels)
         self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.set_ready(False)
 
