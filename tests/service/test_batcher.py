@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher
-from service.errors import DeadlineExceeded, InternalError, InvalidInput, Overloaded
+from service.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+)
 
 
 class FakeRuntime:
@@ -192,9 +198,9 @@ async def test_close_fails_waiting_requests_and_refuses_new_ones() -> None:
     await asyncio.sleep(0.01)
     await batcher.close()
     np.testing.assert_array_equal(await busy, items(2))  # a running batch finishes
-    with pytest.raises(Exception, match="shutting down"):
+    with pytest.raises(ModelNotReady, match="shutting down"):
         await waiting
-    with pytest.raises(Exception, match="shutting down"):
+    with pytest.raises(ModelNotReady, match="shutting down"):
         await batcher.infer(items(3))
 
 
