@@ -7,7 +7,9 @@ to the next version. Any failure leaves no version behind (the staging directory
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,28 @@ def _normalisation(module: nn.Module) -> tuple[list[float], list[float]]:
     return [round(m, 6) for m in mean], [round(s, 6) for s in std]
 
 
+@contextlib.contextmanager
+def _exported(
+    module: nn.Module, repository: Path, model_name: str, images: np.ndarray
+) -> Iterator[tuple[Path, Path]]:
+    """A staging directory holding the module's parity-checked ONNX export: (staging, onnx)."""
+    check_model_name(model_name)
+    with staging_directory(repository / model_name) as staging:
+        onnx_path = staging / "model.onnx"
+        export_onnx(module, onnx_path, images[:2])
+        check_parity(onnx_path, module, images, PARITY_BATCH_SIZES)
+        yield staging, onnx_path
+
+
+def _publish(
+    staging: Path, onnx_path: Path, labels: list[str], metadata: dict[str, str]
+) -> tuple[int, Path]:
+    """Embeds the metadata, writes labels.txt and metadata.json, renames to the next version."""
+    embed_metadata(onnx_path, metadata)
+    write_version_files(staging, labels, metadata)
+    return publish(staging, staging.parent)
+
+
 def publish_classifier(
     classifier: ImageClassifier,
     dataset: Dataset,
@@ -60,14 +84,9 @@ def publish_classifier(
     write_report: bool = True,
 ) -> PublishedVersion:
     """Exports a trained classifier with its test accuracy and report as the next version."""
-    check_model_name(model_name)
-    model_dir = repository / model_name
     test = dataset.test
     mean, std = _normalisation(classifier)
-    with staging_directory(model_dir) as staging:
-        onnx_path = staging / "model.onnx"
-        export_onnx(classifier, onnx_path, test.images[:2])
-        check_parity(onnx_path, classifier, test.images, PARITY_BATCH_SIZES)
+    with _exported(classifier, repository, model_name, test.images) as (staging, onnx_path):
         evaluation = evaluate_onnx(onnx_path, test.images, test.labels, len(dataset.classes))
         metadata = contract_metadata(
             labels=dataset.classes,
@@ -79,8 +98,6 @@ def publish_classifier(
             dataset=dataset.name,
             test_accuracy=evaluation.accuracy,
         )
-        embed_metadata(onnx_path, metadata)
-        write_version_files(staging, dataset.classes, metadata)
         if write_report:
             from training.report import write_report as write_report_files
 
@@ -100,7 +117,7 @@ def publish_classifier(
                     "created": metadata["convserve.created"],
                 },
             )
-        version, path = publish(staging, model_dir)
+        version, path = _publish(staging, onnx_path, dataset.classes, metadata)
     return PublishedVersion(version, path, evaluation.accuracy, evaluation)
 
 
@@ -116,17 +133,12 @@ def publish_untrained(
     seed: int = 0,
 ) -> PublishedVersion:
     """Exports an untrained module (uint8 pixels -> logits) through the same checks."""
-    check_model_name(model_name)
-    model_dir = repository / model_name
     channels = 1 if color_mode == "L" else 3
     images = np.random.default_rng(seed).integers(
         0, 256, size=(8, channels, image_size, image_size), dtype=np.uint8
     )
     mean, std = _normalisation(module)
-    with staging_directory(model_dir) as staging:
-        onnx_path = staging / "model.onnx"
-        export_onnx(module, onnx_path, images[:2])
-        check_parity(onnx_path, module, images, PARITY_BATCH_SIZES)
+    with _exported(module, repository, model_name, images) as (staging, onnx_path):
         metadata = contract_metadata(
             labels=labels,
             preprocessing=preprocessing_metadata(color_mode, image_size, image_size, mean, std),
@@ -135,7 +147,5 @@ def publish_untrained(
             dataset="none",
             test_accuracy=None,
         )
-        embed_metadata(onnx_path, metadata)
-        write_version_files(staging, labels, metadata)
-        version, path = publish(staging, model_dir)
+        version, path = _publish(staging, onnx_path, labels, metadata)
     return PublishedVersion(version, path, None)
