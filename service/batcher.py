@@ -16,7 +16,9 @@ batches from a bounded FIFO queue:
 - a batch never holds more than `max_batch_size` items; a request larger than that is split
   into chunks and its results joined back;
 - results are split back in order; an error in a batch reaches every request of that batch;
-- a request that was cancelled, or whose deadline passed, is dropped before it is computed;
+- a request that was cancelled, or whose deadline passed, is dropped before it is computed:
+  checked when its batch is formed and again the moment the batch is handed to the runtime;
+- `clock` (default: the event loop's) stamps arrivals and decides deadlines; tests inject one;
 - a request that does not fit in the queue is refused at once (`Overloaded`).
 """
 
@@ -100,6 +102,7 @@ class Batcher:
         max_concurrent_batches: int = 1,
         observer: BatchObserver | None = None,
         name: str = "model",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -115,6 +118,10 @@ class Batcher:
         self._changed = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._clock = clock
+
+    def _now(self, loop: asyncio.AbstractEventLoop) -> float:
+        return self._clock() if self._clock is not None else loop.time()
 
     def start(self) -> None:
         """Starts the batching task on the running loop."""
@@ -143,11 +150,12 @@ class Batcher:
             )
 
     async def infer(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Computes `items` ([n, ...]) as part of some batches; `deadline` is on loop.time()."""
+        """Computes `items` ([n, ...]) as part of some batches; `deadline` is on the batcher's
+        clock (the event loop's unless one was injected)."""
         n = len(items)
         self.check_room(n)
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self._now(loop)
         futures = []
         for start in range(0, n, self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
@@ -171,7 +179,7 @@ class Batcher:
             self._changed.clear()
             timeout: float | None = None
             if self._queue and len(self._running) < self.max_concurrent_batches:
-                waited = loop.time() - self._queue[0].enqueued_at
+                waited = self._now(loop) - self._queue[0].enqueued_at
                 if (
                     not self._running
                     or self._queued_items >= self.max_batch_size
@@ -189,27 +197,32 @@ class Batcher:
     def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         batch: list[_Pending] = []
         size = 0
-        now = loop.time()
+        now = self._now(loop)
         while self._queue and size + len(self._queue[0].items) <= self.max_batch_size:
             pending = self._queue.popleft()
             self._queued_items -= len(pending.items)
-            if pending.future.done():  # cancelled by the client
-                self.stats.dropped += 1
-                continue
-            if pending.deadline is not None and now >= pending.deadline:
-                self.stats.dropped += 1
-                waited_ms = 1000 * (now - pending.enqueued_at)
-                pending.future.set_exception(
-                    DeadlineExceeded(
-                        f"the request's deadline passed after {waited_ms:.1f} ms in the queue "
-                        f"of model {self.name}; it was not computed"
-                    )
-                )
-                continue
-            batch.append(pending)
-            size += len(pending.items)
+            if self._still_wanted(pending, now):
+                batch.append(pending)
+                size += len(pending.items)
         self._observer.queue_depth(self._queued_items)
         return batch
+
+    def _still_wanted(self, pending: _Pending, now: float) -> bool:
+        """False (and the request answered) when it was cancelled or its deadline passed."""
+        if pending.future.done():  # cancelled by the client
+            self.stats.dropped += 1
+            return False
+        if pending.deadline is not None and now >= pending.deadline:
+            self.stats.dropped += 1
+            waited_ms = 1000 * (now - pending.enqueued_at)
+            pending.future.set_exception(
+                DeadlineExceeded(
+                    f"the request's deadline passed after {waited_ms:.1f} ms in the queue "
+                    f"of model {self.name}; it was not computed"
+                )
+            )
+            return False
+        return True
 
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._take(loop)
@@ -224,9 +237,12 @@ class Batcher:
         self._changed.set()
 
     async def _execute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        started = self._now(loop)
+        batch = [p for p in batch if self._still_wanted(p, started)]  # one loop turn later
+        if not batch:
+            return
         size = sum(len(p.items) for p in batch)
         ok = False
-        started = loop.time()
         self._observer.batch_started(size, [started - p.enqueued_at for p in batch])
         try:
             items = batch[0].items if len(batch) == 1 else np.concatenate([p.items for p in batch])
@@ -249,7 +265,7 @@ class Batcher:
                     pending.future.set_result(outputs[offset : offset + count])
                 offset += count
         finally:
-            self._observer.batch_finished(size, loop.time() - started, ok)
+            self._observer.batch_finished(size, self._now(loop) - started, ok)
             self.stats.batches += 1
             self.stats.items += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)

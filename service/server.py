@@ -4,8 +4,9 @@
 
 Lifecycle: the gRPC port opens first (ServerLive true, health NOT_SERVING), then every model is
 loaded and warmed up, then health turns SERVING and the port file is written. On SIGTERM or
-SIGINT health turns NOT_SERVING, new calls are refused, accepted ones finish within
-`grace_period_s`, and the process exits.
+SIGINT health turns NOT_SERVING and every new call is refused with UNAVAILABLE and a message;
+the calls taken before get their answers (up to `grace_period_s`), and the process exits as
+soon as the last one is answered.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from service._proto import classification_pb2 as cls_pb2
-from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2 as pb2
-from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.batcher import Batcher
+from service.admission import Admission
+from service.batcher import Batcher, RunBatch
 from service.classify import Classifier
 from service.errors import ConfigurationError
+from service.handlers import add_servicer
 from service.health import SERVICE_NAME as HEALTH_SERVICE
 from service.health import HealthService
 from service.metrics import Metrics
@@ -46,10 +47,16 @@ from service.settings import Settings, settings_from
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    cls_pb2.DESCRIPTOR.services_by_name["ImageClassification"].full_name,
-)
+INFERENCE_SERVICE = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFICATION_SERVICE = cls_pb2.DESCRIPTOR.services_by_name["ImageClassification"]
+SERVICE_NAMES = (INFERENCE_SERVICE.full_name, CLASSIFICATION_SERVICE.full_name)
+# gRPC core queues calls that arrived before the event loop takes them up. Past its default
+# limits (1,000, then a random early drop up to 3,000) it cancels them itself: CANCELLED, seen
+# by no handler and no metric. The server refuses overload itself (RESOURCE_EXHAUSTED, with a
+# message, counted), so core's queue is only bounded far above any real backlog.
+MAX_PENDING_CALLS = 1 << 20
+# Test seam: wraps each model's batch runner (tests pass a gate they open themselves).
+WrapRun = Callable[[RunBatch], RunBatch]
 
 
 def package_version() -> str:
@@ -62,15 +69,22 @@ def package_version() -> str:
 class InferenceServer:
     """One server process's objects, wired together, with start / load / stop."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        *,
+        wrap_run: WrapRun | None = None,
+    ) -> None:
         self.settings = settings
+        self.admission = Admission()
+        self._wrap_run = wrap_run
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.repository = ModelRepository(settings.model_repository, settings.model_versions)
         self.health = HealthService(SERVICE_NAMES)
         self.models: ModelManager | None = None
         self.grpc_port = 0
         self.metrics_port = 0
-        self.draining = False
         self._runtime_options = RuntimeOptions(
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
@@ -106,19 +120,23 @@ class InferenceServer:
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
             ]
         )
         inference = InferenceServicer(
             self.models,
             self.metrics,
+            admission=self.admission,
             server_ready=self.ready,
             max_top_k=s.max_top_k,
             version=package_version(),
         )
-        pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
-        cls_grpc.add_ImageClassificationServicer_to_server(
-            ClassificationServicer(self.models, self.metrics, classifier), server
+        add_servicer(server, inference, INFERENCE_SERVICE, self.metrics)
+        classification = ClassificationServicer(
+            self.models, self.metrics, classifier, self.admission
         )
+        add_servicer(server, classification, CLASSIFICATION_SERVICE, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server
@@ -155,8 +173,9 @@ class InferenceServer:
             runtime.close()
             raise
         metrics = self.metrics.for_model(entry.name, entry.version)
+        run = runtime.run if self._wrap_run is None else self._wrap_run(runtime.run)
         batcher = Batcher(
-            runtime.run,
+            run,
             max_batch_size=s.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_s,
             queue_capacity=s.queue_capacity,
@@ -191,7 +210,7 @@ class InferenceServer:
 
     def ready(self) -> bool:
         """Server readiness (ServerReady, health, convserve_server_ready)."""
-        if self.draining or self.models is None or self.models.loading():
+        if self.admission.draining or self.models is None or self.models.loading():
             return False
         if self.settings.strict_readiness:
             return self.models.all_ready()
@@ -203,15 +222,25 @@ class InferenceServer:
         await self.health.set_serving(ready)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drains: NOT_SERVING, refuse new calls, let accepted ones finish, then free all."""
-        if self.draining:
+        """Drains: NOT_SERVING, refuse new calls with UNAVAILABLE, answer every call taken
+        before (for up to `grace_s`), then close gRPC and free everything at once."""
+        if self.admission.draining:
             return
-        self.draining = True
+        loop = asyncio.get_running_loop()
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        ends_at = loop.time() + grace_s
+        self.admission.begin_drain()
         self.metrics.server_ready.set(0)
-        await self.health.close()
+        await self.health.set_serving(False)
+        if not await self.admission.drained(grace_s):
+            logger.warning(
+                "grace period of %.1f s over: %d calls still unanswered are cancelled",
+                grace_s, self.admission.in_flight,
+            )  # fmt: skip
+        await self.health.close(timeout_s=max(0.0, min(1.0, ends_at - loop.time())))
         if self._grpc is not None:
-            await self._grpc.stop(grace_s)
+            # Only refusals and health calls can still be running: they end at once.
+            await self._grpc.stop(max(0.0, ends_at - loop.time()))
         for model in self.models.loaded_models() if self.models else []:
             await model.batcher.close()
             await asyncio.to_thread(model.runtime.close)
@@ -231,9 +260,9 @@ def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
     temporary.replace(path)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, *, wrap_run: WrapRun | None = None) -> int:
     """Runs a server until SIGTERM or SIGINT, then drains it; returns the exit status."""
-    server = InferenceServer(settings)
+    server = InferenceServer(settings, wrap_run=wrap_run)
     await server.start()
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from service._proto import classification_pb2 as cls_pb2
 from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from service.admission import Admission
 from service.classify import Classifier
 from service.errors import NotImplementedRpc
 from service.metrics import Metrics
@@ -48,12 +49,14 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         models: ModelManager,
         metrics: Metrics,
         *,
+        admission: Admission,
         server_ready: Callable[[], bool],
         max_top_k: int,
         version: str,
     ) -> None:
         self._models = models
         self._metrics = metrics
+        self._admission = admission
         self._server_ready = server_ready
         self._max_top_k = max_top_k
         self._version = version
@@ -65,7 +68,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         return pb2.ServerReadyResponse(ready=self._server_ready())
 
     async def ModelReady(self, request: pb2.ModelReadyRequest, context: Context) -> Any:
-        async with Call("ModelReady", context):
+        async with Call("ModelReady", context, admission=self._admission):
             return pb2.ModelReadyResponse(
                 ready=self._models.is_ready(request.name, request.version)
             )
@@ -76,12 +79,12 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request: pb2.ModelMetadataRequest, context: Context) -> Any:
-        async with Call("ModelMetadata", context):
+        async with Call("ModelMetadata", context, admission=self._admission):
             model = self._models.resolve(request.name, request.version)
             return converters.model_metadata(model.spec)
 
     async def ModelInfer(self, request: pb2.ModelInferRequest, context: Context) -> Any:
-        async with Call("ModelInfer", context, self._metrics) as call:
+        async with Call("ModelInfer", context, self._metrics, self._admission) as call:
             model = self._models.resolve(request.model_name, request.model_version)
             call.bind(model.metrics)
             checked = converters.checked_input(request, model.spec)
@@ -136,13 +139,20 @@ class UnknownInferenceMethods(grpc.GenericRpcHandler):
 class ClassificationServicer(cls_grpc.ImageClassificationServicer):
     """convserve.v1.ImageClassification: encoded images in, top-k labels out."""
 
-    def __init__(self, models: ModelManager, metrics: Metrics, classifier: Classifier) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        metrics: Metrics,
+        classifier: Classifier,
+        admission: Admission,
+    ) -> None:
         self._models = models
         self._metrics = metrics
         self._classifier = classifier
+        self._admission = admission
 
     async def Classify(self, request: cls_pb2.ClassifyRequest, context: Context) -> Any:
-        async with Call("Classify", context, self._metrics) as call:
+        async with Call("Classify", context, self._metrics, self._admission) as call:
             model = self._models.resolve(request.model_name, request.model_version)
             call.bind(model.metrics)
             results = await self._classifier.classify(

@@ -1,9 +1,13 @@
 """The one place where domain errors become gRPC status codes, and where each call is counted.
 
-Every servicer method runs its body inside `async with Call(...)`: on the way out the call is
-counted in the metrics (inference RPCs), an exception is mapped to its status code with
-`status_of()`, and the RPC is aborted with that code and the error's message. Unknown
-exceptions become INTERNAL with a generic message; their traceback goes to the log only.
+Every servicer method runs its body inside `async with Call(...)`: on the way in the call is
+admitted (refused with UNAVAILABLE while the server drains) and, for inference RPCs, refused
+at once if its deadline has already passed (the cheapest point to drop it: nothing decoded);
+on the way out the call is counted in the metrics (inference RPCs), an exception is mapped to
+its status code with `status_of()`, and the RPC is aborted with that code and the error's
+message. Unknown exceptions become INTERNAL with a generic message; their traceback goes to
+the log only. Messages are capped in length: gRPC carries them in a trailer whose size is
+limited, and an oversized one would turn any answer into RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from service.admission import Admission
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -32,6 +37,10 @@ from service.metrics import Metrics, ModelMetrics
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+MAX_MESSAGE_CHARS = 1000  # gRPC's default metadata limit is 8 KiB for all trailers together
+EXPIRED_ON_ARRIVAL = (
+    "the call's deadline had passed when the server took it up; nothing was computed"
+)
 
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -50,8 +59,17 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     for kind in type(error).__mro__:
         code = STATUS_CODES.get(kind)  # type: ignore[call-overload]
         if code is not None:
-            return code, INTERNAL_MESSAGE if code == grpc.StatusCode.INTERNAL else str(error)
+            if code == grpc.StatusCode.INTERNAL:
+                return code, INTERNAL_MESSAGE
+            return code, capped(str(error))
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def capped(message: str) -> str:
+    """The message, cut to MAX_MESSAGE_CHARS with a note when longer."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[: MAX_MESSAGE_CHARS - 40]}... (message cut at {MAX_MESSAGE_CHARS} chars)"
 
 
 class Call:
@@ -59,7 +77,8 @@ class Call:
 
     `bind()` names the model once it is known, so the request is counted under it (and in
     `convserve_requests_in_flight`); unbound inference calls count under model="" version="".
-    `metrics=None` (metadata and health RPCs) maps errors without counting.
+    `metrics=None` (metadata and health RPCs) maps errors without counting. With `admission`
+    the call is taken through it (refused while draining) and released when answered.
     """
 
     def __init__(
@@ -67,12 +86,16 @@ class Call:
         rpc: str,
         context: grpc.aio.ServicerContext[Any, Any],
         metrics: Metrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.rpc = rpc
         self.context = context
         self._metrics = metrics
+        self._admission = admission
+        self._admitted = False
         self._model: ModelMetrics | None = None
         self._started = time.perf_counter()
+        self._taken_at = asyncio.get_running_loop().time()
 
     def bind(self, model: ModelMetrics) -> None:
         """Attributes this call to a model version."""
@@ -82,14 +105,28 @@ class Call:
 
     def deadline(self, timeout_s: float | None = None) -> float | None:
         """The call's deadline on the event loop's clock: the gRPC deadline, or `timeout_s`
-        from now (a request parameter), whichever comes first; None when neither is set."""
+        (Triton's request parameter) after the server took the call up, whichever comes
+        first; None when neither is set."""
+        now = asyncio.get_running_loop().time()
+        candidates = []
         remaining = self.context.time_remaining()
-        candidates = [t for t in (remaining, timeout_s) if t is not None]
-        if not candidates:
-            return None
-        return asyncio.get_running_loop().time() + min(candidates)
+        if remaining is not None:
+            candidates.append(now + remaining)
+        if timeout_s is not None:  # counted from when the server took the call up
+            candidates.append(self._taken_at + timeout_s)
+        return min(candidates) if candidates else None
 
     async def __aenter__(self) -> Call:
+        try:
+            if self._admission is not None:
+                self._admission.enter()
+                self._admitted = True
+            if self._metrics is not None:  # inference: drop an expired call before any work
+                remaining = self.context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded(EXPIRED_ON_ARRIVAL)
+        except ServiceError as error:
+            await self._answer_error(error)
         return self
 
     async def __aexit__(
@@ -111,16 +148,24 @@ class Call:
         if isinstance(error, grpc.aio.AbortError):  # a servicer aborted on purpose
             self._finish(self.context.code() or grpc.StatusCode.UNKNOWN)
             return False
+        await self._answer_error(error)
+        return False  # unreachable: abort() raises
+
+    async def _answer_error(self, error: BaseException) -> None:
+        """Logs, counts and aborts the RPC with the error's status (raises AbortError)."""
         code, message = status_of(error)
         if code == grpc.StatusCode.INTERNAL and not isinstance(error, InternalError):
             logger.error("%s failed", self.rpc, exc_info=error)
         else:
-            logger.debug("%s answered %s: %s", self.rpc, code.name, error)
+            logger.debug("%s answered %s: %s", self.rpc, code.name, message)
         self._finish(code)
         await self.context.abort(code, message)
-        return False  # unreachable: abort() raises
 
     def _finish(self, code: grpc.StatusCode | object) -> None:
+        if self._admitted:
+            self._admitted = False
+            assert self._admission is not None
+            self._admission.leave()
         if self._metrics is None:
             return
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)

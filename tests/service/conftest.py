@@ -29,7 +29,6 @@ from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.server import InferenceServer
 from service.settings import Settings
 from tests.model_factory import TinySpec, write_version
-from tests.service.model_builders import write_slow_version
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -93,9 +92,10 @@ def _start(repository: Path, load: bool, overrides: dict[str, Any]) -> RunningSe
         "intra_op_threads": 1,
         "grace_period_s": 2.0,
     }
+    wrap_run = overrides.pop("wrap_run", None)
     values.update(overrides)
     registry = CollectorRegistry()
-    server = InferenceServer(Settings(**values), registry=registry)
+    server = InferenceServer(Settings(**values), registry=registry, wrap_run=wrap_run)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
     thread.start()
@@ -115,7 +115,8 @@ StartServer = Callable[..., RunningServer]
 
 @pytest.fixture
 def start_server() -> Iterator[StartServer]:
-    """`start_server(repository, load=True, **settings)` -> RunningServer, stopped afterwards."""
+    """`start_server(repository, load=True, wrap_run=None, **settings)` -> RunningServer,
+    stopped afterwards (`wrap_run=gate.wrap` holds its batches at a BatchGate)."""
     started: list[RunningServer] = []
 
     def start(repository: Path, load: bool = True, **settings: Any) -> RunningServer:
@@ -126,14 +127,6 @@ def start_server() -> Iterator[StartServer]:
     yield start
     for running in started:
         running.stop()
-
-
-@pytest.fixture(scope="session")
-def slow_repository(tmp_path_factory: pytest.TempPathFactory, tiny_spec: TinySpec) -> Path:
-    """`slow`: same answers as `tiny`, about 50 ms per batch. Shared: do not write into it."""
-    repository = tmp_path_factory.mktemp("slow-repository")
-    write_slow_version(repository, "slow", 1, tiny_spec)
-    return repository
 
 
 @pytest.fixture(scope="session")

@@ -21,19 +21,32 @@ from service.errors import (
 
 
 class FakeRuntime:
-    """Doubles each item after `delay_s`, in a thread like the real runtime; records batches."""
+    """Doubles each item; records batches. With `gated`, every batch waits for `gate` (an
+    event the test sets), so the test decides when a batch ends."""
 
-    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
-        self.delay_s = delay_s
+    def __init__(self, fail: bool = False, gated: bool = False) -> None:
         self.fail = fail
         self.batches: list[np.ndarray] = []
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
 
     async def run(self, items: np.ndarray) -> np.ndarray:
         self.batches.append(items.copy())
-        await asyncio.sleep(self.delay_s)
+        await self.gate.wait()
         if self.fail:
             raise RuntimeError("boom")
         return items * 2
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class Recorder:
@@ -73,25 +86,41 @@ def items(value: int, n: int = 1) -> np.ndarray:
     return np.full((n, 2), value, dtype=np.int64)
 
 
+async def settle(turns: int = 20) -> None:
+    """Lets every ready task run: the batcher, its batches and the requests all live on this
+    one loop, so a few turns are enough for whatever is due to happen."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+# A delay so long that a request made to wait for it would outlive the test: the
+# asyncio.wait_for bounds below fail such a test instead of hanging it.
+FOREVER_S = 3600.0
+BOUND_S = 60.0
+
+
 async def test_lone_request_is_dispatched_at_once() -> None:
     runtime = FakeRuntime()
-    batcher = make(runtime, max_queue_delay_s=5.0)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    result = await batcher.infer(items(3))
-    assert loop.time() - started < 0.5  # not the 5 s delay
+    batcher = make(runtime, max_queue_delay_s=FOREVER_S)
+    result = await asyncio.wait_for(batcher.infer(items(3)), BOUND_S)  # not after the delay
     np.testing.assert_array_equal(result, items(6))
     await batcher.close()
 
 
 async def test_concurrent_requests_are_merged_and_split_back_in_order() -> None:
-    runtime = FakeRuntime(delay_s=0.05)
+    runtime = FakeRuntime(gated=True)
     recorder = Recorder()
     batcher = make(runtime, observer=recorder)
-    results = await asyncio.gather(*(batcher.infer(items(i, n=1 + i % 3)) for i in range(12)))
+    tasks = [asyncio.create_task(batcher.infer(items(0)))]
+    await settle()  # the first computes alone behind the gate ...
+    tasks += [asyncio.create_task(batcher.infer(items(i, n=1 + i % 3))) for i in range(1, 12)]
+    await settle()  # ... while the others queue
+    assert len(runtime.batches) == 1
+    runtime.gate.set()
+    results = await asyncio.gather(*tasks)
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result, items(2 * i, n=1 + i % 3))
-    assert max(recorder.sizes) > 1
+    assert recorder.sizes[0] == 1 and max(recorder.sizes) > 1
     assert all(size <= 8 for size in recorder.sizes)
     assert sum(recorder.sizes) == sum(1 + i % 3 for i in range(12))
     assert batcher.stats.largest_batch == max(recorder.sizes)
@@ -107,63 +136,95 @@ async def test_request_larger_than_max_batch_size_is_split_and_joined() -> None:
     await batcher.close()
 
 
-async def test_with_two_slots_the_queue_delay_bounds_the_wait_beside_a_running_batch() -> None:
-    runtime = FakeRuntime(delay_s=0.6)
-    recorder = Recorder()
-    batcher = make(runtime, max_concurrent_batches=2, max_queue_delay_s=0.15, observer=recorder)
+async def test_with_two_slots_a_request_waits_the_queue_delay_for_a_fuller_batch() -> None:
+    runtime = FakeRuntime(gated=True)
+    batcher = make(runtime, max_concurrent_batches=2, max_queue_delay_s=FOREVER_S)
     first = asyncio.create_task(batcher.infer(items(1)))
-    await asyncio.sleep(0.02)  # the first batch computes; one slot is free
-    second = asyncio.create_task(batcher.infer(items(2)))  # queue far from full
-    await asyncio.sleep(0.05)
-    assert len(runtime.batches) == 1  # waiting for a fuller batch, not started yet
-    await asyncio.sleep(0.25)
-    assert len(runtime.batches) == 2  # started after ~the delay, the first still computing
-    assert not first.done()
+    await settle()
+    second = asyncio.create_task(batcher.infer(items(2)))  # one slot free, queue far from full
+    await settle()
+    assert len(runtime.batches) == 1  # waiting for a fuller batch (or the delay), not started
+    runtime.gate.set()  # the first batch ends: with no batch running, the queue goes at once
+    await asyncio.wait_for(asyncio.gather(first, second), BOUND_S)
+    assert len(runtime.batches) == 2
+    await batcher.close()
+
+
+async def test_with_two_slots_and_no_delay_a_batch_starts_beside_a_running_one() -> None:
+    runtime = FakeRuntime(gated=True)
+    batcher = make(runtime, max_concurrent_batches=2, max_queue_delay_s=0.0)
+    first = asyncio.create_task(batcher.infer(items(1)))
+    await settle()
+    second = asyncio.create_task(batcher.infer(items(2)))
+    await settle()
+    assert len(runtime.batches) == 2 and not first.done()  # both computing at once
+    runtime.gate.set()
     await asyncio.gather(first, second)
-    assert 0.14 <= recorder.waits[1] < 0.4  # the second request waited about the delay
     await batcher.close()
 
 
 async def test_with_one_slot_the_queue_delay_has_no_effect() -> None:
-    runtime = FakeRuntime(delay_s=0.2)
+    runtime = FakeRuntime(gated=True)
     recorder = Recorder()
-    batcher = make(runtime, max_concurrent_batches=1, max_queue_delay_s=5.0, observer=recorder)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    batcher = make(
+        runtime, max_concurrent_batches=1, max_queue_delay_s=FOREVER_S, observer=recorder
+    )
     first = asyncio.create_task(batcher.infer(items(1)))
-    await asyncio.sleep(0.02)
+    await settle()
     second = asyncio.create_task(batcher.infer(items(2)))
-    await asyncio.gather(first, second)
-    # the second batch started the moment the first ended, not after the 5 s delay
-    assert loop.time() - started < 1.0
+    await settle()
+    runtime.gate.set()
+    # the second batch starts the moment the first ends, not after the delay
+    await asyncio.wait_for(asyncio.gather(first, second), BOUND_S)
     assert recorder.sizes == [1, 1]
-    assert recorder.waits[1] < 0.5
+    await batcher.close()
+
+
+async def test_waits_are_measured_on_the_injected_clock() -> None:
+    runtime = FakeRuntime(gated=True)
+    recorder = Recorder()
+    clock = FakeClock()
+    batcher = make(runtime, observer=recorder, clock=clock)
+    first = asyncio.create_task(batcher.infer(items(1)))
+    await settle()
+    second = asyncio.create_task(batcher.infer(items(2)))
+    await settle()
+    clock.now += 0.25
+    runtime.gate.set()
+    await asyncio.gather(first, second)
+    assert recorder.waits == [0.0, 0.25]
     await batcher.close()
 
 
 async def test_an_error_reaches_every_request_of_the_batch() -> None:
-    runtime = FakeRuntime(delay_s=0.02, fail=True)
-    batcher = make(runtime)
-    outcomes = await asyncio.gather(
-        *(batcher.infer(items(i)) for i in range(5)), return_exceptions=True
-    )
+    runtime = FakeRuntime(fail=True, gated=True)
+    recorder = Recorder()
+    batcher = make(runtime, observer=recorder)
+    tasks = [asyncio.create_task(batcher.infer(items(0)))]
+    await settle()
+    tasks += [asyncio.create_task(batcher.infer(items(i))) for i in range(1, 5)]
+    await settle()
+    runtime.gate.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(o, InternalError) for o in outcomes)
+    assert recorder.sizes == [1, 4]  # the four queued requests shared one failing batch
     runtime.fail = False
     np.testing.assert_array_equal(await batcher.infer(items(1)), items(2))  # still serving
     await batcher.close()
 
 
 async def test_full_queue_refuses_at_once() -> None:
-    runtime = FakeRuntime(delay_s=0.2)
+    runtime = FakeRuntime(gated=True)
     recorder = Recorder()
     batcher = make(runtime, max_batch_size=2, queue_capacity=4, observer=recorder)
     running = asyncio.create_task(batcher.infer(items(0, 2)))  # computing, out of the queue
-    await asyncio.sleep(0.01)
+    await settle()
     waiting = asyncio.create_task(batcher.infer(items(1, 4)))  # fills the queue
-    await asyncio.sleep(0.01)
+    await settle()
     with pytest.raises(Overloaded, match="4 of 4 queue places taken"):
         await batcher.infer(items(2))
     assert recorder.rejections == 1
+    runtime.gate.set()
     await asyncio.gather(running, waiting)
     with pytest.raises(InvalidInput, match="at most 4 per request"):
         await batcher.infer(items(3, 5))
@@ -171,35 +232,61 @@ async def test_full_queue_refuses_at_once() -> None:
 
 
 async def test_expired_and_cancelled_requests_are_not_computed() -> None:
-    runtime = FakeRuntime(delay_s=0.1)
-    batcher = make(runtime)
-    loop = asyncio.get_running_loop()
+    runtime = FakeRuntime(gated=True)
+    clock = FakeClock()
+    batcher = make(runtime, clock=clock)
     busy = asyncio.create_task(batcher.infer(items(1)))
-    await asyncio.sleep(0.01)
-    expired = asyncio.create_task(batcher.infer(items(7), deadline=loop.time() + 0.02))
+    await settle()
+    expired = asyncio.create_task(batcher.infer(items(7), deadline=clock.now + 0.02))
     cancelled = asyncio.create_task(batcher.infer(items(8)))
-    await asyncio.sleep(0.01)
+    kept = asyncio.create_task(batcher.infer(items(9), deadline=clock.now + 1.0))
+    await settle()
     cancelled.cancel()
-    with pytest.raises(DeadlineExceeded, match=r"deadline passed after .* it was not computed"):
+    clock.now += 0.5  # past the first deadline, before the second
+    runtime.gate.set()
+    with pytest.raises(DeadlineExceeded, match=r"deadline passed after 500.0 ms .* not computed"):
         await expired
     await busy
+    np.testing.assert_array_equal(await kept, items(18))
     computed = np.concatenate(runtime.batches)
     assert 7 not in computed and 8 not in computed
     assert batcher.stats.dropped == 2
     await batcher.close()
 
 
+async def test_a_deadline_passing_between_batching_and_compute_is_honoured() -> None:
+    """Taken into a batch, then expired before the batch reached the runtime: not computed."""
+    runtime = FakeRuntime()
+    clock = FakeClock()
+    batcher = make(runtime, clock=clock)
+    original = batcher._take
+
+    def take_then_expire(loop: asyncio.AbstractEventLoop) -> list:  # type: ignore[type-arg]
+        batch = original(loop)
+        clock.now += 1.0  # time passes before the batch task runs
+        return batch
+
+    batcher._take = take_then_expire  # type: ignore[method-assign]
+    with pytest.raises(DeadlineExceeded):
+        await batcher.infer(items(5), deadline=clock.now + 0.5)
+    assert runtime.batches == []
+    await batcher.close()
+
+
 async def test_close_fails_waiting_requests_and_refuses_new_ones() -> None:
-    runtime = FakeRuntime(delay_s=0.1)
+    runtime = FakeRuntime(gated=True)
     batcher = make(runtime)
     busy = asyncio.create_task(batcher.infer(items(1)))
-    await asyncio.sleep(0.01)
+    await settle()
     waiting = asyncio.create_task(batcher.infer(items(2)))
-    await asyncio.sleep(0.01)
-    await batcher.close()
-    np.testing.assert_array_equal(await busy, items(2))  # a running batch finishes
+    await settle()
+    closing = asyncio.create_task(batcher.close())
     with pytest.raises(ModelNotReady, match="shutting down"):
         await waiting
+    assert not closing.done()  # close() waits for the running batch
+    runtime.gate.set()
+    await closing
+    np.testing.assert_array_equal(await busy, items(2))  # a running batch finishes
     with pytest.raises(ModelNotReady, match="shutting down"):
         await batcher.infer(items(3))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from service import converters
 from service._proto import grpc_service_pb2 as pb2
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import RunningServer, StartServer, random_images
+from tests.service.gates import BatchGate, wait_until
 
 
 def infer_request(
@@ -48,10 +48,14 @@ def ask_classification(request: pb2.ModelInferRequest, k: int) -> None:
 
 def wait_for_in_flight(running: RunningServer, model: str, count: int) -> None:
     """Waits until `count` requests of the model were accepted (so arrival order is known)."""
-    deadline = time.monotonic() + 10
-    while running.metric("convserve_requests_in_flight", model=model, version="1") != count:
-        assert time.monotonic() < deadline, "requests were not accepted in time"
-        time.sleep(0.005)
+    wait_until(
+        lambda: running.metric("convserve_requests_in_flight", model=model, version="1") == count,
+        f"{count} requests of {model} in flight",
+    )
+
+
+def queue_depth(running: RunningServer, model: str = "tiny") -> float | None:
+    return running.metric("convserve_queue_depth", model=model, version="1")
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]
@@ -151,58 +155,87 @@ def test_unavailable_while_models_load(start_server: StartServer, tiny_repositor
 
 
 def test_resource_exhausted_when_the_queue_is_full(
-    start_server: StartServer, slow_repository: Path
+    start_server: StartServer, tiny_repository: Path, tiny_spec: TinySpec
 ) -> None:
-    running = start_server(slow_repository, max_batch_size=1, queue_capacity=2)
+    gate = BatchGate()
+    running = start_server(tiny_repository, max_batch_size=1, queue_capacity=2, wrap_run=gate.wrap)
     stub = running.inference_stub()
-    codes: list[grpc.StatusCode] = []
-    details: list[str] = []
+    inputs = [random_images(1, seed) for seed in range(3)]
+    computing = stub.ModelInfer.future(infer_request(inputs[0]), timeout=60)
+    gate.wait_arrived(1)  # the first request computes (at the gate), out of the queue
+    queued = [stub.ModelInfer.future(infer_request(x), timeout=60) for x in inputs[1:]]
+    wait_until(lambda: queue_depth(running) == 2, "two queued requests")
 
-    def send(seed: int) -> None:
-        try:
-            stub.ModelInfer(infer_request(random_images(1, seed), model="slow"), timeout=30)
-            codes.append(grpc.StatusCode.OK)
-        except grpc.RpcError as error:
-            codes.append(error.code())
-            details.append(error.details())
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-    assert grpc.StatusCode.OK in codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert any("model slow is overloaded" in d and "retry later" in d for d in details)
-    rejected = running.metric("convserve_queue_rejections_total", model="slow", version="1")
-    assert rejected == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert_still_serving(running, "slow")
+    refused = rpc_error(stub.ModelInfer, infer_request(random_images(1, 9)), timeout=60)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.details() == (
+        "model tiny is overloaded: 2 of 2 queue places taken, 1 needed; retry later"
+    )
+    assert running.metric("convserve_queue_rejections_total", model="tiny", version="1") == 1
+    assert running.metric(
+        "convserve_requests_total", model="tiny", version="1", rpc="ModelInfer",
+        code="RESOURCE_EXHAUSTED",
+    ) == 1  # fmt: skip
+    gate.open()
+    for images, future in zip(inputs, [computing, *queued], strict=True):
+        np.testing.assert_allclose(
+            logits_of(future.result(timeout=60)), reference_logits(tiny_spec, images), atol=1e-5
+        )
+    assert_still_serving(running)
 
 
-def test_deadline_exceeded_before_compute(start_server: StartServer, slow_repository: Path) -> None:
-    running = start_server(slow_repository, max_batch_size=1)
+def test_deadline_exceeded_before_compute(start_server: StartServer, tiny_repository: Path) -> None:
+    gate = BatchGate()
+    running = start_server(tiny_repository, max_batch_size=1, wrap_run=gate.wrap)
     stub = running.inference_stub()
-    busy = [
-        stub.ModelInfer.future(infer_request(random_images(1, i), model="slow")) for i in range(3)
-    ]
-    wait_for_in_flight(running, "slow", 3)
-    # Both wait behind about 150 ms of work: Triton's per-request `timeout` parameter (µs) ...
-    late = infer_request(random_images(1, 10), model="slow")
-    late.parameters["timeout"].int64_param = 20_000
-    late_future = stub.ModelInfer.future(late, timeout=30)
-    # ... and a plain gRPC deadline (the client may report that one itself first).
-    short = stub.ModelInfer.future(infer_request(random_images(1, 11), model="slow"), timeout=0.05)
+    busy = [stub.ModelInfer.future(infer_request(random_images(1, i))) for i in range(3)]
+    wait_for_in_flight(running, "tiny", 3)
+    # Both wait behind the shut gate: Triton's per-request `timeout` parameter (µs; 1 µs is
+    # over long before the gate opens) ...
+    late = infer_request(random_images(1, 10))
+    late.parameters["timeout"].int64_param = 1
+    late_future = stub.ModelInfer.future(late, timeout=60)
+    # ... and a plain gRPC deadline, which the client reports itself.
+    short = stub.ModelInfer.future(infer_request(random_images(1, 11)), timeout=0.05)
+    assert rpc_error(short.result).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for_in_flight(running, "tiny", 4)  # `short` was cancelled server-side too
+    gate.open()
     error = rpc_error(late_future.result)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline passed after" in error.details() and "not computed" in error.details()
-    assert rpc_error(short.result).code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for future in busy:
-        future.result(timeout=30)
-    assert_still_serving(running, "slow")  # queued after the two, so they were dropped before
-    model = running.server.models.resolve("slow")  # type: ignore[union-attr]
+        future.result(timeout=60)
+    assert_still_serving(running)  # queued after the two, so they were dropped before it
+    model = running.server.models.resolve("tiny")  # type: ignore[union-attr]
     assert model.batcher.stats.dropped == 2
-    assert running.metric("convserve_images_total", model="slow", version="1") == 3 + 1
+    assert running.metric("convserve_images_total", model="tiny", version="1") == 3 + 1
+    assert gate.arrived == [1, 1, 1, 1]  # neither expired request reached the runtime
+
+
+def test_a_call_already_expired_on_arrival_is_refused_before_any_work(
+    tiny_server: RunningServer,
+) -> None:
+    """A gRPC deadline that passed before the handler ran: DEADLINE_EXCEEDED, nothing
+    decoded or queued. Checked in-process (a client would stop waiting first)."""
+    from service.status import EXPIRED_ON_ARRIVAL, Call
+
+    class Expired:
+        def time_remaining(self) -> float:
+            return -0.001
+
+        async def abort(self, code: grpc.StatusCode, message: str) -> None:
+            raise grpc.aio.AbortError(f"{code.name}: {message}")
+
+    async def call() -> None:
+        async with Call("ModelInfer", Expired(), tiny_server.server.metrics):  # type: ignore[arg-type]
+            raise AssertionError("the body ran")
+
+    with pytest.raises(grpc.aio.AbortError, match=f"DEADLINE_EXCEEDED: {EXPIRED_ON_ARRIVAL}"):
+        tiny_server.run(call())
+    assert tiny_server.metric(
+        "convserve_requests_total", model="", version="", rpc="ModelInfer",
+        code="DEADLINE_EXCEEDED",
+    ) == 1  # fmt: skip
 
 
 def test_internal_errors_hide_details_and_log_them(

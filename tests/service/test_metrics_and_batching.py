@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import urllib.request
@@ -15,10 +14,9 @@ import pytest
 
 from service import runtime
 from service._proto import classification_pb2 as cls_pb2
-from service._proto import grpc_service_pb2 as pb2
-from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import StartServer, encode_image, random_images
+from tests.service.gates import BatchGate, wait_until
 from tests.service.test_inference_api import infer_request, logits_of
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -159,26 +157,31 @@ def test_requested_providers(
     assert runtime.requested_providers(setting, available, gpu_present) == expected
 
 
-async def test_concurrent_requests_are_batched_and_answered_with_their_own_results(
-    start_server: StartServer, slow_repository: Path, tiny_spec: TinySpec
+def test_concurrent_requests_are_batched_and_answered_with_their_own_results(
+    start_server: StartServer, tiny_repository: Path, tiny_spec: TinySpec
 ) -> None:
-    running = start_server(slow_repository, max_batch_size=16, max_queue_delay_us=20_000)
+    gate = BatchGate()
+    running = start_server(tiny_repository, max_batch_size=16, wrap_run=gate.wrap)
+    stub = running.inference_stub()
     inputs = [random_images(1 + i % 3, seed=100 + i) for i in range(24)]
-    async with grpc.aio.insecure_channel(running.address) as channel:
-        stub = pb2_grpc.GRPCInferenceServiceStub(channel)
-        responses = await asyncio.gather(
-            *(stub.ModelInfer(infer_request(x, model="slow"), timeout=60) for x in inputs)
-        )
-    for images, response in zip(inputs, responses, strict=True):
+    futures = [stub.ModelInfer.future(infer_request(inputs[0]), timeout=60)]
+    gate.wait_arrived(1)  # the first computes alone (a lone request never waits) ...
+    futures += [stub.ModelInfer.future(infer_request(x), timeout=60) for x in inputs[1:]]
+    labels = {"model": "tiny", "version": "1"}
+    queued = sum(len(x) for x in inputs[1:])
+    wait_until(  # ... while the rest pile up behind it
+        lambda: running.metric("convserve_queue_depth", **labels) == queued, "the queue to fill"
+    )
+    gate.open()
+    for images, future in zip(inputs, futures, strict=True):
         np.testing.assert_allclose(
-            logits_of(response), reference_logits(tiny_spec, images), atol=1e-5
+            logits_of(future.result(timeout=60)), reference_logits(tiny_spec, images), atol=1e-5
         )
-    labels = {"model": "slow", "version": "1"}
-    batches = running.metric("convserve_batch_size_count", **labels)
-    items = running.metric("convserve_batch_size_sum", **labels)
-    assert items == sum(len(x) for x in inputs)
-    assert batches is not None and batches < len(inputs)  # some requests shared a batch
-    assert running.metric("convserve_batch_size_bucket", **labels, le="1.0") < batches  # type: ignore[operator]
-    stats = running.server.models.resolve("slow").batcher.stats  # type: ignore[union-attr]
-    assert 1 < stats.largest_batch <= 16
-    assert isinstance(responses[0], pb2.ModelInferResponse)
+    # The queued requests share batches of at most 16 items, no request split.
+    assert gate.arrived[0] == 1 and all(1 < size <= 16 for size in gate.arrived[1:])
+    assert sum(gate.arrived) == sum(len(x) for x in inputs)
+    assert running.metric("convserve_batch_size_count", **labels) == len(gate.arrived)
+    assert running.metric("convserve_batch_size_sum", **labels) == sum(gate.arrived)
+    assert running.metric("convserve_batch_size_bucket", **labels, le="1.0") == 1
+    stats = running.server.models.resolve("tiny").batcher.stats  # type: ignore[union-attr]
+    assert stats.largest_batch == max(gate.arrived)
