@@ -30,6 +30,10 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 INFERENCE_RPCS = ("ModelInfer", "Classify")
+OK = "OK"
+# Codes whose series exist from a model's load on, at 0, so that a refusal ratio or a refusal
+# panel has data (a rate of 0, not "no data") before the first refusal happens.
+REFUSAL_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED")
 
 
 class Metrics:
@@ -51,10 +55,21 @@ class Metrics:
             "convserve_images_total", "Items (images / batch rows) inferred.", model,
             registry=registry,
         )  # fmt: skip
+        # Successful calls only: fast refusals and errors in the same histogram would pull its
+        # quantiles down exactly when the server is overloaded.
         self.request_latency = Histogram(
             "convserve_request_latency_seconds",
-            "End-to-end latency of an inference RPC, receipt to reply.",
+            "End-to-end latency of an inference RPC answered OK, receipt to reply "
+            "(successful calls only).",
             [*model, "rpc"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.refusal_latency = Histogram(
+            "convserve_refusal_latency_seconds",
+            "Receipt to reply of an inference RPC answered with any code but OK (refused, "
+            "cancelled or failed), by code.",
+            [*model, "rpc", "code"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
@@ -125,9 +140,17 @@ class Metrics:
     def observe_request(
         self, model: str, version: str, rpc: str, code: str, latency_s: float
     ) -> None:
-        """Counts one answered inference RPC and its latency."""
+        """Counts one answered inference RPC and observes its latency: in
+        `convserve_request_latency_seconds` when `code` is OK, else in
+        `convserve_refusal_latency_seconds`."""
         self.requests.labels(model, version, rpc, code).inc()
-        self.request_latency.labels(model, version, rpc).observe(latency_s)
+        self.latency_child(model, version, rpc, code).observe(latency_s)
+
+    def latency_child(self, model: str, version: str, rpc: str, code: str) -> Any:
+        """The histogram child a call answered with `code` is observed in."""
+        if code == OK:
+            return self.request_latency.labels(model, version, rpc)
+        return self.refusal_latency.labels(model, version, rpc, code)
 
     def serve_http(self, host: str, port: int) -> tuple[Any, int]:
         """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""
@@ -152,19 +175,28 @@ class ModelMetrics:
         self.in_flight = metrics.in_flight.labels(*labels)
         self.image_decode = metrics.image_decode.labels(*labels)
         self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
+        for rpc in INFERENCE_RPCS:
+            for code in (OK, *REFUSAL_CODES):
+                self._children(rpc, code)
         self.set_ready(False)
 
-    def observe_request(self, rpc: str, code: str, latency_s: float) -> None:
-        """Counts one answered inference RPC of this model (label children cached: hot path)."""
+    def _children(self, rpc: str, code: str) -> tuple[Any, Any]:
         children = self._answered.get((rpc, code))
         if children is None:
             children = (
                 self._m.requests.labels(self.name, self.version, rpc, code),
-                self._m.request_latency.labels(self.name, self.version, rpc),
+                self._m.latency_child(self.name, self.version, rpc, code),
             )
             self._answered[(rpc, code)] = children
-        children[0].inc()
-        children[1].observe(latency_s)
+        return children
+
+    def observe_request(self, rpc: str, code: str, latency_s: float) -> None:
+        """Counts one answered inference RPC of this model and observes its latency, OK calls
+        in `convserve_request_latency_seconds`, the others in
+        `convserve_refusal_latency_seconds` (label children cached: hot path)."""
+        counter, latency = self._children(rpc, code)
+        counter.inc()
+        latency.observe(latency_s)
 
     def queue_depth(self, items: int) -> None:
         self._queue_depth.set(items)

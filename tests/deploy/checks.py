@@ -228,6 +228,55 @@ def dashboard_problems(dashboard: Mapping[str, Any], datasource_uid: str) -> lis
     return problems
 
 
+def threshold_color(thresholds: Mapping[str, Any], value: float) -> str:
+    """The colour Grafana gives `value` under absolute thresholds: the last step whose value is
+    at most `value`; the base step's value is null (minus infinity)."""
+    assert thresholds.get("mode", "absolute") == "absolute", thresholds
+    color = None
+    for step in thresholds["steps"]:
+        if step["value"] is None or value >= step["value"]:
+            color = step["color"]
+    assert color is not None, f"no base step in {thresholds}"
+    return str(color)
+
+
+# What Grafana uses when a panel sets no thresholds: green, red from 80.
+GRAFANA_DEFAULT_THRESHOLDS = {
+    "mode": "absolute",
+    "steps": [{"color": "green", "value": None}, {"color": "red", "value": 80}],
+}
+
+
+def field_thresholds(panel: Mapping[str, Any], ref: str) -> Mapping[str, Any]:
+    """The thresholds that apply to one query of a panel: a `byFrameRefID` override, else the
+    panel's defaults, else Grafana's."""
+    config = panel.get("fieldConfig", {})
+    thresholds = config.get("defaults", {}).get("thresholds", GRAFANA_DEFAULT_THRESHOLDS)
+    for override in config.get("overrides", []):
+        if override.get("matcher") == {"id": "byFrameRefID", "options": ref}:
+            for item in override.get("properties", []):
+                if item["id"] == "thresholds":
+                    thresholds = item["value"]
+    return dict(thresholds)
+
+
+def stat_color_problems(
+    dashboard: Mapping[str, Any], title: str, ref: str, expected: Mapping[float, str]
+) -> list[str]:
+    """The colours a stat panel's query shows for given values, against the expected ones."""
+    panels = [panel for panel in iter_panels(dashboard) if panel.get("title") == title]
+    if len(panels) != 1:
+        return [f"{len(panels)} panels titled {title!r}"]
+    if panels[0].get("options", {}).get("colorMode") not in {"value", "background"}:
+        return [f"{title}: colorMode shows no threshold colour"]
+    thresholds = field_thresholds(panels[0], ref)
+    return [
+        f"{title} [{ref}]: {value:g} shows {threshold_color(thresholds, value)}, not {color}"
+        for value, color in expected.items()
+        if threshold_color(thresholds, value) != color
+    ]
+
+
 # --- a live Prometheus --------------------------------------------------------------------------
 
 

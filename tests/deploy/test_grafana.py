@@ -5,11 +5,17 @@ Each panel's PromQL is run against a real Prometheus in test_observability_live.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 
-from tests.deploy.checks import dashboard_problems, metric_names, panel_queries
+from tests.deploy.checks import (
+    dashboard_problems,
+    metric_names,
+    panel_queries,
+    stat_color_problems,
+)
 from tests.deploy.shipped import dashboard
 from tests.deploy.tools import DEPLOY, REPO_ROOT
 
@@ -53,20 +59,29 @@ def test_template_variable_model_lists_the_loaded_models() -> None:
     assert "convserve_model_info" in variable["definition"]
 
 
-def test_dashboard_covers_what_an_operator_needs() -> None:
+def panel_exprs(board: dict[str, Any]) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """Per panel title: the metric names its queries read, and its queries joined."""
     by_panel: dict[str, set[str]] = {}
     exprs: dict[str, str] = {}
-    for query in panel_queries(dashboard()):
+    for query in panel_queries(board):
         by_panel.setdefault(query.panel, set()).update(metric_names(query.expr))
-        exprs[query.panel] = exprs.get(query.panel, "") + query.expr
+        exprs[query.panel] = exprs.get(query.panel, "") + query.expr + "\n"
+    return by_panel, exprs
+
+
+def panel_titled(board: dict[str, Any], title: str) -> dict[str, Any]:
+    (panel,) = [panel for panel in board["panels"] if panel["title"] == title]
+    return dict(panel)
+
+
+def test_dashboard_covers_what_an_operator_needs() -> None:
+    by_panel, exprs = panel_exprs(dashboard())
 
     def panels_with(*metrics: str) -> list[str]:
         return [title for title, used in by_panel.items() if set(metrics) <= used]
 
     assert panels_with("convserve_requests_total"), "requests/s"
     assert panels_with("convserve_images_total"), "images/s"
-    (latency,) = panels_with("convserve_request_latency_seconds_bucket")
-    assert all(f"histogram_quantile({q}," in exprs[latency] for q in ("0.5", "0.95", "0.99"))
     assert panels_with(
         "convserve_queue_wait_seconds_bucket", "convserve_batch_compute_seconds_bucket"
     )
@@ -75,6 +90,77 @@ def test_dashboard_covers_what_an_operator_needs() -> None:
     assert any('code!="OK"' in e and "by (code" in e for e in exprs.values()), "errors by code"
     (info,) = panels_with("convserve_model_info")
     assert "provider" in exprs[info] and "version" in exprs[info]
+
+
+def test_latency_panels_show_successful_calls_per_rpc() -> None:
+    """convserve_request_latency_seconds holds OK calls only; ModelInfer and Classify apart."""
+    by_panel, exprs = panel_exprs(dashboard())
+    latency = [
+        t for t, used in by_panel.items() if "convserve_request_latency_seconds_bucket" in used
+    ]
+    rpcs: set[str] = set()
+    for title in latency:
+        assert "successful" in title, title
+        for q in ("0.5", "0.95", "0.99"):
+            assert f"histogram_quantile({q}, sum by (rpc, le) (" in exprs[title], (title, q)
+        rpcs |= set(re.findall(r'rpc="(\w+)"', exprs[title]))
+    assert rpcs == {"ModelInfer", "Classify"}
+
+
+def test_refusals_have_a_rate_a_share_and_a_latency_panel() -> None:
+    board = dashboard()
+    by_panel, exprs = panel_exprs(board)
+    not_ok = 'convserve_requests_total{model=~"$model", code!="OK"}'
+    (rates,) = [t for t, e in exprs.items() if not_ok in e and "/" not in e]
+    assert "sum by (code, rpc) (rate(" in exprs[rates]
+    (share,) = [t for t, e in exprs.items() if not_ok in e and "/ on (rpc) group_left" in e]
+    assert 'sum by (rpc) (rate(convserve_requests_total{model=~"$model"}' in exprs[share]
+    assert panel_titled(board, share)["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    (latency,) = [
+        t for t, used in by_panel.items() if used == {"convserve_refusal_latency_seconds_bucket"}
+    ]
+    assert "histogram_quantile(0.99, sum by (rpc, code, le) (" in exprs[latency]
+
+
+def test_queue_fill_is_a_share_of_capacity() -> None:
+    board = dashboard()
+    _, exprs = panel_exprs(board)
+    (fill,) = [
+        t for t, e in exprs.items()
+        if re.search(r"convserve_queue_depth\{[^}]*\} / \(convserve_queue_capacity\{", e)
+    ]  # fmt: skip
+    defaults = panel_titled(board, fill)["fieldConfig"]["defaults"]
+    assert (defaults["unit"], defaults["min"], defaults["max"]) == ("percentunit", 0, 1)
+    # The panel's line is the alert's threshold.
+    assert 0.8 in [step["value"] for step in defaults["thresholds"]["steps"]]
+
+
+READY: dict[float, str] = {0: "red", 1: "green", 3: "green"}
+NOT_READY: dict[float, str] = {0: "green", 1: "red", 2: "red"}
+
+
+def test_ready_servers_is_red_at_zero_and_any_unready_server_is_red() -> None:
+    board = dashboard()
+    panel = panel_titled(board, "Ready servers")
+    exprs = {target["refId"]: target["expr"] for target in panel["targets"]}
+    assert exprs["A"] == "sum(convserve_server_ready)"
+    assert "convserve_server_ready == 0" in exprs["B"] and "up{" in exprs["B"]
+    assert stat_color_problems(board, "Ready servers", "A", READY) == []
+    assert stat_color_problems(board, "Ready servers", "B", NOT_READY) == []
+
+
+def test_a_ready_stat_green_at_zero_fails_the_check() -> None:
+    broken = dashboard()
+    panel = panel_titled(broken, "Ready servers")
+    index = broken["panels"].index(panel)
+    del broken["panels"][index]["fieldConfig"]["defaults"]["thresholds"]  # Grafana's: green
+    assert stat_color_problems(broken, "Ready servers", "A", READY) == [
+        "Ready servers [A]: 0 shows green, not red"
+    ]
+    broken["panels"][index]["options"]["colorMode"] = "none"
+    assert stat_color_problems(broken, "Ready servers", "B", NOT_READY) == [
+        "Ready servers: colorMode shows no threshold colour"
+    ]
 
 
 def test_a_hard_coded_window_or_foreign_datasource_fails_the_check() -> None:

@@ -98,6 +98,35 @@ def test_traffic_has_successes_and_errors(stack: Stack) -> None:
     assert codes["INVALID_ARGUMENT"] == 3 * 2 * 2 and codes["NOT_FOUND"] == 3 * 2
 
 
+def test_latency_histograms_split_successful_calls_from_the_rest(stack: Stack) -> None:
+    """OK calls in convserve_request_latency_seconds, every other answer in
+    convserve_refusal_latency_seconds under its code, as Prometheus scraped them."""
+    by_kind = stack.traffic["by_kind"]
+    for rpc, kind in (("ModelInfer", "infer"), ("Classify", "classify")):
+        ok = f'sum(convserve_request_latency_seconds_count{{rpc="{rpc}"}})'
+        assert stack.scalar(ok) == by_kind[kind]["OK"], rpc
+    for code, calls in stack.traffic["codes"].items():
+        if code != "OK":
+            refused = f'sum(convserve_refusal_latency_seconds_count{{code="{code}"}})'
+            assert stack.scalar(refused) == calls, code
+    assert stack.scalar('sum(convserve_refusal_latency_seconds_count{code="OK"})') is None
+
+
+def test_refusal_series_exist_at_zero_before_any_refusal(stack: Stack) -> None:
+    """So the refusal panels and ConvserveRefusingCalls see a rate of 0, not "no data"."""
+    refusals = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED")
+    selector = f'convserve_requests_total{{model="tiny", code=~"{"|".join(refusals)}"}}'
+    result = prometheus_query(stack.prometheus.url, selector)["data"]["result"]
+    series = {(r["metric"]["rpc"], r["metric"]["code"]): float(r["value"][1]) for r in result}
+    assert series == {(rpc, code): 0.0 for rpc in ("ModelInfer", "Classify") for code in refusals}
+
+
+def test_ready_servers_stat_reads_one_ready_and_none_down(stack: Stack) -> None:
+    (panel,) = [p for p in dashboard()["panels"] if p["title"] == "Ready servers"]
+    values = {t["refId"]: stack.scalar(t["expr"]) for t in panel["targets"]}
+    assert values == {"A": 1, "B": 0}
+
+
 @pytest.mark.parametrize("query", PANEL_QUERIES, ids=[q.id for q in PANEL_QUERIES])
 def test_panel_query_returns_data(stack: Stack, query: Any) -> None:
     expr = substitute_variables(query.expr, VARIABLES)

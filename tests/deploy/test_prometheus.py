@@ -89,6 +89,48 @@ def test_alerts_cover_the_failure_modes() -> None:
     assert any("0.99" in rule["expr"] for rule in alert_rules()), "p99, not another quantile"
 
 
+def counted_codes(expr: str) -> set[str]:
+    """The gRPC codes an expression selects with `code=~"A|B"`."""
+    return {code for codes in re.findall(r'code=~"([^"]+)"', expr) for code in codes.split("|")}
+
+
+REFUSALS = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED"}
+
+
+def test_latency_alert_reads_successful_calls_per_rpc() -> None:
+    (expr,) = [
+        rule["expr"]
+        for rule in alert_rules()
+        if "convserve_request_latency_seconds_bucket" in metric_names(rule["expr"])
+    ]
+    assert "histogram_quantile(0.99,\n  sum by (model, rpc, le) (rate(" in expr
+    assert "and on (model, rpc)" in expr
+
+
+def test_refusals_and_cancels_have_their_own_alert() -> None:
+    by_codes = {rule["alert"]: counted_codes(rule["expr"]) for rule in alert_rules()}
+    (refusals,) = [name for name, codes in by_codes.items() if codes == REFUSALS]
+    (rule,) = [rule for rule in alert_rules() if rule["alert"] == refusals]
+    # A share of the calls, per server, model and RPC.
+    assert rule["expr"].count("sum by (instance, model, rpc) (rate(convserve_requests_total") == 3
+    assert "> 0.05" in rule["expr"] and rule["for"] == "5m"
+    # Refusals need capacity, failures a look at the log: no code pages through both alerts;
+    # and a client's mistakes page through neither.
+    (errors,) = [codes for codes in by_codes.values() if "INTERNAL" in codes]
+    assert errors.isdisjoint(REFUSALS | {"INVALID_ARGUMENT", "NOT_FOUND"})
+
+
+def test_queue_alert_is_a_share_of_capacity() -> None:
+    (expr,) = [
+        rule["expr"]
+        for rule in alert_rules()
+        if {"convserve_queue_depth", "convserve_queue_capacity"} <= metric_names(rule["expr"])
+    ]
+    assert re.search(
+        r"convserve_queue_depth\[2m\]\) / \(convserve_queue_capacity > 0\) > 0\.8", expr
+    )
+
+
 def test_alerts_read_only_documented_metrics() -> None:
     known = documented_metrics()
     assert len(known) >= 15, "docs/metrics.md's table did not parse"
