@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.errors import InvalidInput
-from service.images import decode_image
+from service.images import DEFAULT_IMAGE_FORMATS, decode_image
 from service.results import ScoredClass
 
 if TYPE_CHECKING:
@@ -51,11 +51,13 @@ class Classifier:
         max_image_bytes: int,
         max_image_pixels: int,
         max_top_k: int,
+        image_formats: Sequence[str] = DEFAULT_IMAGE_FORMATS,
     ) -> None:
         self._executor = decode_executor
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.max_top_k = max_top_k
+        self.image_formats = tuple(image_formats)
 
     def effective_top_k(self, requested: int, classes: int) -> int:
         """0 means DEFAULT_TOP_K; above max_top_k is refused; capped at the class count."""
@@ -82,6 +84,7 @@ class Classifier:
                 model.spec.preprocessing,
                 max_bytes=self.max_image_bytes,
                 max_pixels=self.max_image_pixels,
+                formats=self.image_formats,
             )
         except InvalidInput as error:
             raise InvalidInput(f"image {position}: {error}") from None

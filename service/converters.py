@@ -8,6 +8,7 @@ responses with raw output contents, and the classification extension's
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
-from service.errors import InvalidInput
+from service.errors import InvalidInput, client_text
 from service.repository import ModelSpec
 from service.results import ScoredClass
 
@@ -97,42 +98,74 @@ def checked_input(request: pb2.ModelInferRequest, spec: ModelSpec) -> CheckedInp
         raise InvalidInput(f"the request has {len(request.inputs)} inputs; {_describe(spec)}")
     tensor = request.inputs[0]
     if tensor.name != spec.preprocessing.input_name:
-        raise InvalidInput(f"unknown input {tensor.name!r}; {_describe(spec)}")
+        raise InvalidInput(f"unknown input {client_text(tensor.name)}; {_describe(spec)}")
+    # From here on tensor.name is the model's own input name: safe to put in messages.
     if tensor.datatype != "UINT8":
-        raise InvalidInput(
-            f"input {tensor.name} has datatype {tensor.datatype or '(none)'}; {_describe(spec)}"
-        )
+        datatype = _datatype_text(tensor.datatype)
+        raise InvalidInput(f"input {tensor.name} has datatype {datatype}; {_describe(spec)}")
     shape = list(tensor.shape)
     if len(shape) != 4 or tuple(shape[1:]) != spec.input_shape or shape[0] < 1:
-        raise InvalidInput(f"input {tensor.name} has shape {shape}; {_describe(spec)} (N >= 1)")
+        raise InvalidInput(
+            f"input {tensor.name} has shape {_shape_text(shape)}; {_describe(spec)} (N >= 1)"
+        )
     count = math.prod(shape)
-    has_contents = tensor.HasField("contents") and len(tensor.contents.uint_contents) > 0
+    typed_fields = [field.name for field, _ in tensor.contents.ListFields()]
     if request.raw_input_contents:
-        if has_contents:
-            raise InvalidInput("use either raw_input_contents or contents, not both")
-        if len(request.raw_input_contents) != 1:
+        if typed_fields:
             raise InvalidInput(
-                f"raw_input_contents has {len(request.raw_input_contents)} entries; "
-                "expected one per input (1)"
+                f"input {tensor.name} has both raw_input_contents and contents."
+                f"{typed_fields[0]}; use either raw_input_contents or contents, not both"
             )
-        raw = request.raw_input_contents[0]
-        if len(raw) != count:
-            raise InvalidInput(
-                f"input {tensor.name}: raw contents are {len(raw)} bytes; shape {shape} of UINT8 "
-                f"needs {count} bytes"
-            )
-        return CheckedInput(
-            tuple(shape), lambda: np.frombuffer(raw, dtype=np.uint8).reshape(shape), typed=False
+        return _checked_raw(request, tensor.name, shape, count)
+    expected = CONTENTS_FIELDS["UINT8"]
+    wrong = [name for name in typed_fields if name != expected]
+    if wrong:
+        raise InvalidInput(
+            f"input {tensor.name} is UINT8, whose typed contents go in contents.{expected}; "
+            f"got contents.{wrong[0]}"
         )
     values = tensor.contents.uint_contents
     if len(values) != count:
         raise InvalidInput(
-            f"input {tensor.name}: contents.uint_contents has {len(values)} elements; "
+            f"input {tensor.name}: contents.{expected} has {len(values)} elements; "
             f"shape {shape} needs {count}"
         )
     return CheckedInput(
         tuple(shape), lambda: typed_to_uint8(tensor.name, values, shape), typed=True
     )
+
+
+def _checked_raw(
+    request: pb2.ModelInferRequest, name: str, shape: list[int], count: int
+) -> CheckedInput:
+    if len(request.raw_input_contents) != 1:
+        raise InvalidInput(
+            f"raw_input_contents has {len(request.raw_input_contents)} entries; "
+            "expected one per input (1)"
+        )
+    raw = request.raw_input_contents[0]
+    if len(raw) != count:
+        raise InvalidInput(
+            f"input {name}: raw contents are {len(raw)} bytes; shape {shape} of UINT8 "
+            f"needs {count} bytes"
+        )
+    return CheckedInput(
+        tuple(shape), lambda: np.frombuffer(raw, dtype=np.uint8).reshape(shape), typed=False
+    )
+
+
+def _datatype_text(datatype: str) -> str:
+    """A client's datatype for a message: a known one as is, anything else quoted."""
+    if datatype in NUMPY_DTYPES or datatype == "BYTES":
+        return datatype
+    return client_text(datatype) if datatype else "(none)"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    """A client's shape for a message: in full up to 8 dimensions (any count can be sent)."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:8]))}, ...] ({len(shape)} dimensions)"
 
 
 def typed_to_uint8(name: str, values: Sequence[int], shape: Sequence[int]) -> np.ndarray:
@@ -143,13 +176,32 @@ def typed_to_uint8(name: str, values: Sequence[int], shape: Sequence[int]) -> np
     return wide.astype(np.uint8).reshape(shape)
 
 
-def _int_parameter(parameter: pb2.InferParameter, what: str) -> int:
+INT64_MAX = 2**63 - 1
+# A string parameter holds an integer as plain ASCII digits ("250000"), as tritonclient sends
+# it: str.isdigit() alone also takes "²" and "٣", which int() then refuses or reads.
+DIGITS = re.compile(r"[0-9]{1,19}")
+INTEGER_FORM = "int64_param, uint64_param, or string_param of ASCII digits"
+
+
+def _int_parameter(parameter: pb2.InferParameter, what: str, low: int, high: int) -> int:
+    """The integer value of a request parameter, refused unless it is one in low..high."""
+    expected = f"parameter {what} must be an integer in {low}..{high} ({INTEGER_FORM})"
     kind = parameter.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param"):
-        return int(getattr(parameter, kind))
-    if kind == "string_param" and parameter.string_param.strip().isdigit():
-        return int(parameter.string_param)
-    raise InvalidInput(f"parameter {what} must be an integer, got {kind or 'no value'}")
+        value = int(getattr(parameter, kind))
+    elif kind == "string_param" and DIGITS.fullmatch(parameter.string_param):
+        value = int(parameter.string_param)
+    elif kind == "string_param":
+        raise InvalidInput(f"{expected}; got string_param {client_text(parameter.string_param)}")
+    elif kind == "bool_param":
+        raise InvalidInput(f"{expected}; got bool_param {str(parameter.bool_param).lower()}")
+    elif kind == "double_param":
+        raise InvalidInput(f"{expected}; got double_param {parameter.double_param!r}")
+    else:
+        raise InvalidInput(f"{expected}; got no value")
+    if not low <= value <= high:
+        raise InvalidInput(f"parameter {what} must be in {low}..{high}, got {value}")
+    return value
 
 
 def requested_outputs(
@@ -163,22 +215,21 @@ def requested_outputs(
     for output in request.outputs:
         if output.name != output_name:
             raise InvalidInput(
-                f"unknown output {output.name!r}; model {spec.name} has one output: {output_name}"
+                f"unknown output {client_text(output.name)}; model {spec.name} has one output: "
+                f"{output_name}"
             )
         k = None
         if CLASSIFICATION in output.parameters:
-            k = _int_parameter(output.parameters[CLASSIFICATION], CLASSIFICATION)
-            if not 1 <= k <= max_top_k:
-                raise InvalidInput(f"parameter classification must be in 1..{max_top_k}, got {k}")
+            k = _int_parameter(output.parameters[CLASSIFICATION], CLASSIFICATION, 1, max_top_k)
         outputs.append(RequestedOutput(output.name, k))
     return outputs
 
 
 def request_timeout_s(request: pb2.ModelInferRequest) -> float | None:
-    """Triton's optional `timeout` request parameter (µs) in seconds; None when absent."""
+    """Triton's optional `timeout` request parameter (µs) in seconds; None when absent or 0."""
     if "timeout" not in request.parameters:
         return None
-    timeout_us = _int_parameter(request.parameters["timeout"], "timeout")
+    timeout_us = _int_parameter(request.parameters["timeout"], "timeout", 0, INT64_MAX)
     return timeout_us / 1e6 if timeout_us > 0 else None
 
 

@@ -2,10 +2,26 @@
 
 Plain exceptions, free of gRPC: the batcher, the runtime and the converters raise them, and
 `service.status` maps them to gRPC status codes in one place. Every message is meant for the
-client: it names the problem and, where there is one, what was expected.
+client: it names the problem and, where there is one, what was expected. Text the client sent
+(names, datatypes, parameter values) goes into a message only through `client_text()`, so a
+message stays short whatever was sent: gRPC carries it in a header, and one past the header
+limit turns the answer into RESOURCE_EXHAUSTED "metadata size exceeds hard limit".
 """
 
 from __future__ import annotations
+
+CLIENT_TEXT_LIMIT = 64
+
+
+def client_text(value: str, limit: int = CLIENT_TEXT_LIMIT, *, quote: bool = True) -> str:
+    """Client-supplied text for a message: quoted (repr: control characters escaped) and cut
+    to `limit` characters, with its real length when cut, e.g. `'aaaa'... (8192 characters)`.
+    `quote=False` for text that is not a value the client named (a decoder's reason)."""
+    head = value[:limit]
+    text = repr(head) if quote else head
+    if len(value) <= limit:
+        return text
+    return f"{text}... ({len(value)} characters)"
 
 
 class ServiceError(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.errors import UnknownService
+from service.errors import UnknownService, client_text
 from service.status import Call
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -77,7 +77,9 @@ class HealthService(health_pb2_grpc.HealthServicer):
             status = self.status(request.service)
             if status is None:
                 known = ", ".join(repr(name) for name in self._status)
-                raise UnknownService(f"unknown service {request.service!r}; known: {known}")
+                raise UnknownService(
+                    f"unknown service {client_text(request.service)}; known: {known}"
+                )
             return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(

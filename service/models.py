@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from service.batcher import Batcher
-from service.errors import InvalidInput, ModelNotFound, ModelNotReady
+from service.errors import InvalidInput, ModelNotFound, ModelNotReady, client_text
 from service.metrics import ModelMetrics
 from service.repository import ModelEntry, ModelSpec
 from service.runtime import OnnxModel
@@ -130,7 +130,7 @@ class ModelManager:
         record = self._records.get(name)
         if record is None:
             known = ", ".join(self._records) or "none"
-            raise ModelNotFound(f"unknown model {name!r}; available: {known}")
+            raise ModelNotFound(f"unknown model {client_text(name)}; available: {known}")
         return record
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
@@ -138,11 +138,13 @@ class ModelManager:
         record = self.record(name)
         entry = record.entry
         if version and version != record.version_text:
-            on_disk = ", ".join(map(str, entry.versions)) or "none"
+            # The repository is scanned once, at start: say so, rather than claim that a
+            # version directory published since then does not exist.
             raise ModelNotFound(
-                f"model {entry.name} version {version!r} is not served; served: "
-                f"{record.version_text} (in the repository: {on_disk}; choose another with "
-                f"--model-version {entry.name}=N)"
+                f"model {entry.name} version {client_text(version)} is not served; served: "
+                f"{record.version_text}; version directories when the server started: "
+                f"{entry.describe_versions()}; serve another with --model-version "
+                f"{entry.name}=N and a restart"
             )
         if record.state is ModelState.FAILED:
             raise ModelNotFound(  # the reason (paths, ONNX Runtime's text) stays in the log

@@ -7,6 +7,7 @@ its labels and how an image becomes its input. Nothing here loads a session.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from service.errors import ConfigurationError, ModelLoadError
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+VERSION_NAME = re.compile(r"[0-9]{1,18}")  # ASCII digits only: "²".isdigit() is true too
 MODEL_FILE = "model.onnx"
 SUPPORTED_FORMATS = ("1",)
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "hamming")
@@ -58,17 +60,27 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model directory: the versions on disk and the one chosen to serve (None: none fits)."""
+    """One model directory as scanned: its versions (directories with a model.onnx), the
+    version directories without one (`incomplete`: a copy under way, a mistake), and the
+    version chosen to serve (None: none fits)."""
 
     name: str
     directory: Path
     versions: tuple[int, ...]
     version: int | None
     problem: str = ""
+    incomplete: tuple[int, ...] = ()
 
     @property
     def model_path(self) -> Path:
         return self.directory / str(self.version) / MODEL_FILE
+
+    def describe_versions(self) -> str:
+        """Every version directory found, e.g. `1, 2 (2 without model.onnx)`, or `none`."""
+        found = ", ".join(map(str, sorted(self.versions + self.incomplete))) or "none"
+        if not self.incomplete:
+            return found
+        return f"{found} ({', '.join(map(str, self.incomplete))} without {MODEL_FILE})"
 
 
 class ModelRepository:
@@ -96,23 +108,25 @@ class ModelRepository:
         return entries
 
     def _entry(self, directory: Path) -> ModelEntry:
-        versions = tuple(
-            sorted(
-                int(child.name)
-                for child in directory.iterdir()
-                if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILE).is_file()
-            )
-        )
+        numbered = [
+            child
+            for child in directory.iterdir()
+            if VERSION_NAME.fullmatch(child.name) and int(child.name) > 0 and child.is_dir()
+        ]
+        versions = tuple(sorted(int(c.name) for c in numbered if (c / MODEL_FILE).is_file()))
+        incomplete = tuple(sorted({int(c.name) for c in numbered} - set(versions)))
         pinned = self.pinned_versions.get(directory.name)
         if pinned is None:
-            return ModelEntry(
-                directory.name, directory, versions, versions[-1] if versions else None
-            )
+            latest = versions[-1] if versions else None
+            return ModelEntry(directory.name, directory, versions, latest, incomplete=incomplete)
+        entry = ModelEntry(directory.name, directory, versions, pinned, incomplete=incomplete)
         if pinned not in versions:
-            found = ", ".join(map(str, versions)) or "none"
-            problem = f"pinned version {pinned} is not in the repository (versions: {found})"
-            return ModelEntry(directory.name, directory, versions, pinned, problem)
-        return ModelEntry(directory.name, directory, versions, pinned)
+            problem = (
+                f"pinned version {pinned} is not in the repository "
+                f"(versions: {entry.describe_versions()})"
+            )
+            return dataclasses.replace(entry, problem=problem)
+        return entry
 
 
 def _json(metadata: Mapping[str, Any], key: str) -> Any:

@@ -114,6 +114,7 @@ class InferenceServer:
             max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels,
             max_top_k=s.max_top_k,
+            image_formats=s.image_formats,
         )
         server = grpc.aio.server(
             options=[

@@ -20,7 +20,7 @@ from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.admission import Admission
 from service.classify import Classifier
-from service.errors import NotImplementedRpc
+from service.errors import NotImplementedRpc, client_text
 from service.metrics import Metrics
 from service.models import ModelManager
 from service.status import Call
@@ -131,7 +131,7 @@ class UnknownInferenceMethods(grpc.GenericRpcHandler):
 
         async def answer(request_iterator: AsyncIterator[bytes], context: Context) -> None:
             async with Call(name, context):
-                raise _unimplemented(name)
+                raise _unimplemented(client_text(name, quote=False))
 
         return grpc.stream_stream_rpc_method_handler(answer)
 

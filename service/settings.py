@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigurationError
+from service.images import DEFAULT_IMAGE_FORMATS, readable_formats
 
 ENV_PREFIX = "CONVSERVE_"
 # CONVSERVE_* variables that are not server settings, so the server lets them be: the client's
@@ -128,9 +129,17 @@ class Settings:
         default=16 * 2**20, metadata=_doc("largest encoded image accepted by Classify")
     )
     max_image_pixels: int = field(
-        default=40_000_000,
+        default=4096 * 4096,
         metadata=_doc(
-            "largest decoded image (width x height) accepted: guards decompression bombs"
+            "largest decoded image (width x height) accepted, checked before decoding: bounds "
+            "one image's decode time and memory (docs/service.md)"
+        ),
+    )
+    image_formats: tuple[str, ...] = field(
+        default=DEFAULT_IMAGE_FORMATS,
+        metadata=_doc(
+            "image formats Classify decodes, comma-separated Pillow format names; others are "
+            "refused unread"
         ),
     )
     max_top_k: int = field(
@@ -158,6 +167,7 @@ class Settings:
                 raise ConfigurationError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.grace_period_s < 0:
             raise ConfigurationError(f"grace_period_s must be 0 or more, got {self.grace_period_s}")
+        _check_image_formats(self.image_formats)
         for item in fields():
             choices = item.metadata.get("choices")
             if choices and getattr(self, item.name) not in choices:
@@ -170,6 +180,23 @@ class Settings:
     def max_queue_delay_s(self) -> float:
         """max_queue_delay_us in seconds, the unit the event loop's clock uses."""
         return self.max_queue_delay_us / 1e6
+
+
+def _check_image_formats(formats: Sequence[str]) -> None:
+    if not formats:
+        raise ConfigurationError("image_formats must name at least one format, e.g. PNG")
+    readable = readable_formats()
+    unknown = [name for name in formats if name.upper() not in readable]
+    if unknown:
+        raise ConfigurationError(
+            f"unknown image_formats {', '.join(map(repr, unknown))}; this Pillow reads: "
+            f"{', '.join(readable)}"
+        )
+
+
+def parse_image_formats(text: str) -> tuple[str, ...]:
+    """`png, JPEG` -> ("PNG", "JPEG"): Pillow's format names are upper case."""
+    return tuple(name.strip().upper() for name in text.split(",") if name.strip())
 
 
 def fields() -> tuple[dataclasses.Field[Any], ...]:
@@ -199,7 +226,7 @@ def _parse_bool(text: str) -> bool:
 def parse_model_version(text: str) -> tuple[str, int]:
     """Parses one pin, `NAME=VERSION`."""
     name, sep, version = text.partition("=")
-    if not sep or not name or not version.isdigit() or int(version) < 1:
+    if not sep or not name or not version.isascii() or not version.isdigit() or int(version) < 1:
         raise ValueError(f"bad model version pin {text!r}; expected NAME=VERSION, e.g. mnist_cnn=2")
     return name, int(version)
 
@@ -214,7 +241,14 @@ def _converter(item: dataclasses.Field[Any]) -> Callable[[str], Any]:
         return lambda text: Path(text) if text else None
     if item.name == "model_versions":
         return lambda text: dict(parse_model_version(p) for p in text.split(",") if p.strip())
+    if item.name == "image_formats":
+        return parse_image_formats
     raise TypeError(f"no converter for setting {item.name}: {hint}")
+
+
+def _default_text(value: Any) -> str:
+    """A default as it would be typed: tuples comma-separated, like their variable."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -239,7 +273,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         else:
             parser.add_argument(
                 *names, dest=item.name, type=_converter(item), default=argparse.SUPPRESS,
-                choices=item.metadata.get("choices"), help=f"{help_text} (default: {item.default})",
+                choices=item.metadata.get("choices"),
+                help=f"{help_text} (default: {_default_text(item.default)})",
             )  # fmt: skip
     return parser
 

@@ -19,6 +19,7 @@ from service.batcher import Batcher
 from service.classify import Classifier
 from service.errors import InvalidInput, Overloaded
 from service.models import LoadedModel
+from service.repository import Preprocessing
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import RunningServer, StartServer, encode_image
 
@@ -166,3 +167,32 @@ def test_a_full_queue_refuses_before_decoding() -> None:
         waiting.cancel()
 
     asyncio.run(scenario())
+
+
+def test_the_classifier_decodes_only_its_image_formats() -> None:
+    observed: list[float] = []
+    model = cast(
+        LoadedModel,
+        SimpleNamespace(
+            spec=SimpleNamespace(preprocessing=Preprocessing(28, 28, 1, "L")),
+            metrics=SimpleNamespace(image_decode=SimpleNamespace(observe=observed.append)),
+        ),
+    )
+    png = encode_image(np.full((28, 28), 7, dtype=np.uint8), "PNG")
+    jpeg = encode_image(np.full((28, 28), 7, dtype=np.uint8), "JPEG")
+    with ThreadPoolExecutor(1) as executor:
+        classifier = Classifier(
+            executor,
+            max_image_bytes=10_000,
+            max_image_pixels=10_000,
+            max_top_k=5,
+            image_formats=("PNG",),
+        )
+        rows = asyncio.run(classifier.decode(model, [png]))
+        assert rows.shape == (1, 1, 28, 28) and len(observed) == 1
+        with pytest.raises(InvalidInput) as caught:
+            asyncio.run(classifier.decode(model, [png, jpeg]))
+    assert str(caught.value) == (
+        f"image 1: cannot decode the image ({len(jpeg)} bytes): not an image in an accepted "
+        "format; accepted: PNG"
+    )

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidInput
-from service.images import decode_image
+from service.images import DEFAULT_IMAGE_FORMATS, decode_image, readable_formats
 from service.repository import Preprocessing
 from tests.service.conftest import encode_image
 
@@ -38,7 +38,7 @@ def test_gray_png_of_the_right_size_is_taken_as_is() -> None:
     np.testing.assert_array_equal(decoded[0], pixels)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "WEBP"])
+@pytest.mark.parametrize("fmt", DEFAULT_IMAGE_FORMATS)
 def test_colour_image_is_converted_and_resized_like_training(fmt: str) -> None:
     pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     data = encode_image(pixels, fmt)
@@ -51,7 +51,11 @@ def test_colour_image_is_converted_and_resized_like_training(fmt: str) -> None:
 
 
 def test_garbage_is_refused_with_the_reason() -> None:
-    with pytest.raises(InvalidInput, match=r"cannot decode the image .* not a format Pillow reads"):
+    with pytest.raises(
+        InvalidInput,
+        match=r"^cannot decode the image \(23 bytes\): not an image in an accepted format; "
+        r"accepted: PNG, JPEG, BMP, GIF, TIFF, WEBP$",
+    ):
         decode_image(b"definitely not an image", GRAY, **LIMITS)
     with pytest.raises(InvalidInput, match="empty"):
         decode_image(b"", GRAY, **LIMITS)
@@ -100,3 +104,24 @@ def test_pixel_limit_is_checked_before_pixels_are_decoded() -> None:
             decode_image(data, GRAY, **LIMITS)
     with pytest.raises(InvalidInput, match="5000x5000 = 25000000 pixels; the limit is 4194304"):
         decode_image(png_header_only(5000, 5000), GRAY, **LIMITS)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PCX", "TGA", "PPM"])
+def test_formats_outside_the_allowed_ones_are_refused_unread(fmt: str) -> None:
+    # Pillow reads each of these (EPS up to its Ghostscript call); none is accepted by default.
+    assert fmt in readable_formats()
+    data = encode_image(np.zeros((28, 28), dtype=np.uint8), fmt)
+    with pytest.raises(InvalidInput) as caught:
+        decode_image(data, GRAY, **LIMITS)
+    assert str(caught.value) == (
+        f"cannot decode the image ({len(data)} bytes): not an image in an accepted format; "
+        "accepted: PNG, JPEG, BMP, GIF, TIFF, WEBP"
+    )
+
+
+def test_the_allowed_formats_are_a_parameter() -> None:
+    jpeg = encode_image(np.zeros((28, 28), dtype=np.uint8), "JPEG")
+    with pytest.raises(InvalidInput, match=r"accepted: PNG$"):
+        decode_image(jpeg, GRAY, **LIMITS, formats=("PNG",))
+    ppm = encode_image(np.full((28, 28), 9, dtype=np.uint8), "PPM")
+    assert decode_image(ppm, GRAY, **LIMITS, formats=("PNG", "PPM"))[0, 0, 0] == 9

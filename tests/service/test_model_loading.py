@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from service._proto import grpc_service_pb2 as pb2
-from service.errors import ConfigurationError
+from service.errors import ConfigurationError, ModelNotFound
+from service.models import ModelManager
 from service.repository import ModelRepository
 from service.runtime import OnnxModel, warm_up_batch_sizes
 from tests.model_factory import TinySpec, reference_logits, write_version
@@ -36,6 +37,42 @@ def test_scan_ignores_non_versions_and_picks_the_latest(tmp_path: Path) -> None:
         ModelRepository(tmp_path / "nowhere").scan()
 
 
+def test_version_directories_without_a_model_are_listed_as_such(tmp_path: Path) -> None:
+    write_version(tmp_path, "tiny", 1, TinySpec())
+    (tmp_path / "tiny" / "2").mkdir()  # a copy under way, say: there, but not servable
+    (tmp_path / "tiny" / "²").mkdir()  # "²".isdigit() is true; no version all the same
+    (tmp_path / "tiny" / "3").write_text("a file, not a version directory")
+    entry = ModelRepository(tmp_path).scan()[0]
+    assert (entry.versions, entry.incomplete, entry.version) == ((1,), (2,), 1)
+    assert entry.describe_versions() == "1, 2 (2 without model.onnx)"
+    pinned = ModelRepository(tmp_path, {"tiny": 2}).scan()[0]
+    assert pinned.problem == (
+        "pinned version 2 is not in the repository (versions: 1, 2 (2 without model.onnx))"
+    )
+    manager = ModelManager([entry], loader=None)  # type: ignore[arg-type]  # never loads here
+    with pytest.raises(ModelNotFound) as caught:
+        manager.resolve("tiny", "2")
+    assert str(caught.value) == (
+        "model tiny version '2' is not served; served: 1; version directories when the server "
+        "started: 1, 2 (2 without model.onnx); serve another with --model-version tiny=N and "
+        "a restart"
+    )
+
+
+def test_long_model_names_and_versions_are_shortened(tmp_path: Path) -> None:
+    write_version(tmp_path, "tiny", 1, TinySpec())
+    manager = ModelManager(ModelRepository(tmp_path).scan(), loader=None)  # type: ignore[arg-type]
+    long = "m" * 8192
+    with pytest.raises(ModelNotFound) as caught:
+        manager.resolve(long)
+    assert str(caught.value) == f"unknown model {long[:64]!r}... (8192 characters); available: tiny"
+    with pytest.raises(ModelNotFound) as caught:
+        manager.resolve("tiny", long)
+    assert str(caught.value).startswith(
+        f"model tiny version {long[:64]!r}... (8192 characters) is not served; served: 1;"
+    )
+
+
 def test_latest_version_is_served_unless_pinned(
     start_server: StartServer, two_version_repository: Path
 ) -> None:
@@ -49,9 +86,9 @@ def test_latest_version_is_served_unless_pinned(
     with pytest.raises(grpc.RpcError) as caught:
         latest.inference_stub().ModelInfer(infer_request(images, model_version="1"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert (
-        "in the repository: 1, 2; choose another with --model-version tiny=N"
-        in caught.value.details()
+    assert caught.value.details() == (
+        "model tiny version '1' is not served; served: 2; version directories when the server "
+        "started: 1, 2; serve another with --model-version tiny=N and a restart"
     )
 
     pinned = start_server(two_version_repository, model_versions={"tiny": 1})

@@ -41,6 +41,18 @@ def test_flags_win_over_variables_which_win_over_defaults() -> None:
     assert settings_from([], environ).model_versions == {"a": 2, "b": 3}
 
 
+def test_image_limits_default_to_4096_squared_and_six_formats() -> None:
+    settings = settings_from([], environ={})
+    assert settings.max_image_pixels == 16_777_216 == 4096 * 4096
+    assert settings.image_formats == ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+
+
+def test_image_formats_are_a_comma_separated_list_in_any_case() -> None:
+    environ = {"CONVSERVE_IMAGE_FORMATS": "png, Jpeg"}
+    assert settings_from([], environ).image_formats == ("PNG", "JPEG")
+    assert settings_from(["--image-formats", "gif"], environ).image_formats == ("GIF",)
+
+
 def test_port_file_and_queue_delay_units() -> None:
     settings = settings_from(
         ["--port-file", "/tmp/p.json", "--max-queue-delay-us", "1500"], environ={}
@@ -58,6 +70,13 @@ def test_port_file_and_queue_delay_units() -> None:
         ([], {"CONVSERVE_GRPC_PORT": "70000"}, "grpc_port must be in 0..65535"),
         ([], {"CONVSERVE_STRICT_READINESS": "maybe"}, "not a boolean"),
         ([], {"CONVSERVE_MODEL_VERSIONS": "mnist"}, "expected NAME=VERSION"),
+        ([], {"CONVSERVE_MODEL_VERSIONS": "mnist=²"}, "expected NAME=VERSION"),
+        (
+            [],
+            {"CONVSERVE_IMAGE_FORMATS": "png,jpg"},
+            r"^unknown image_formats 'JPG'; this Pillow reads: AVIF, BLP, BMP, .*EPS.*, JPEG,",
+        ),
+        ([], {"CONVSERVE_IMAGE_FORMATS": " , "}, "image_formats must name at least one format"),
     ],
 )
 def test_bad_values_fail_fast_naming_the_allowed_ones(
