@@ -121,12 +121,18 @@ class Call:
             if self._admission is not None:
                 self._admission.enter()
                 self._admitted = True
-            if self._metrics is not None:  # inference: drop an expired call before any work
-                remaining = self.context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded(EXPIRED_ON_ARRIVAL)
         except ServiceError as error:
             await self._answer_error(error)
+        if self._metrics is not None:  # inference: drop an expired call before any work
+            remaining = self.context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # Its client has stopped waiting and gRPC ends the call with
+                # DEADLINE_EXCEEDED itself: count it, send nothing (a status sent on the dead
+                # call fails and gRPC logs that at ERROR), end the handler as gRPC ends a
+                # cancelled one.
+                logger.debug("%s: %s", self.rpc, EXPIRED_ON_ARRIVAL)
+                self._finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+                raise asyncio.CancelledError(EXPIRED_ON_ARRIVAL)
         return self
 
     async def __aexit__(
