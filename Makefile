@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 MODEL      ?= mnist_cnn
 
-.PHONY: run train serve test lint typecheck proto tools bench clean
+.PHONY: run train serve test test-contended faults lint typecheck proto tools bench clean
 
 # --- set-up -----------------------------------------------------------------
 $(VENV)/bin/python:
@@ -49,6 +49,16 @@ bench: $(VENV)/.stamp-run
 # --- checks -------------------------------------------------------------------
 test: $(VENV)/.stamp-dev tools lint typecheck
 	$(PY) -m pytest
+
+# The service tests and the fault suite again, on one core shared with a CPU-bound process
+# (a much slower machine): they order events explicitly, so they must pass here too.
+test-contended: $(VENV)/.stamp-dev
+	bash scripts/contended.sh $(PY) -m pytest -q -p no:cacheprovider tests/service tests/faults \
+		--deselect tests/faults/test_overload.py::test_a_flood_of_expired_calls_is_dropped_before_any_work
+
+# The fault suite alone, with its figures (docs/reliability.md).
+faults: $(VENV)/.stamp-dev
+	$(PY) -m pytest -q -s tests/faults
 
 lint: $(VENV)/.stamp-dev
 	$(VENV)/bin/ruff check .
