@@ -9,6 +9,15 @@
 `--address` defaults to $CONVSERVE_ADDRESS, else 127.0.0.1:8001. Exit status: 0 on success,
 1 when the server answers with an error or cannot be reached, 2 on bad usage.
 
+Against a server with TLS, token authentication or both (docs/security.md):
+
+    python -m service.client metadata --tls-ca ca.pem                      # TLS
+    python -m service.client metadata --tls-ca ca.pem --tls-cert me.pem --tls-key me.key  # mTLS
+    CONVSERVE_TOKEN=... python -m service.client classify digit.png --tls-ca ca.pem
+
+The token goes as `authorization: Bearer <token>` metadata; prefer $CONVSERVE_TOKEN or
+`--token-file` to `--token`, which any user of the machine can read in the process list.
+
 `health` is the Docker HEALTHCHECK (every 10 s), so this module imports only grpc and
 grpc_health at the top; the other commands import numpy and the protocol modules themselves.
 """
@@ -19,8 +28,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -135,6 +145,53 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
     return 0
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <token>` to every call's metadata (every command's calls
+    are unary)."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        metadata = [*(details.metadata or ()), self._entry]
+        return continuation(details._replace(metadata=metadata), request)
+
+
+def read_token(args: argparse.Namespace) -> str:
+    """The bearer token: --token-file, else --token, else $CONVSERVE_TOKEN; "" for none."""
+    if args.token_file is not None:
+        return str(Path(args.token_file).read_text().strip())
+    return str(args.token or "")
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to --address: TLS when any --tls* option is given, with the bearer token."""
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together (a client certificate)")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(args.tls_ca),
+            private_key=_read(args.tls_key),
+            certificate_chain=_read(args.tls_cert),
+        )
+        options = []
+        if args.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+        channel = grpc.secure_channel(args.address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    token = read_token(args)
+    if token:
+        return grpc.intercept_channel(channel, _BearerToken(token))
+    return channel
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -143,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="server host:port (default: $CONVSERVE_ADDRESS or %(default)s)",
     )
     common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    tls = common.add_argument_group("TLS (any of these turns it on)")
+    tls.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    tls.add_argument("--tls-ca", type=Path, help="PEM CA certificates to trust for the server")
+    tls.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    tls.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    tls.add_argument(
+        "--tls-server-name", help="name to check the server's certificate for (default: host)"
+    )
+    token = common.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        default=os.environ.get("CONVSERVE_TOKEN", ""),
+        help="token sent as `authorization: Bearer <token>` (default: $CONVSERVE_TOKEN)",
+    )
+    token.add_argument("--token-file", type=Path, help="read the token from this file")
     parser = argparse.ArgumentParser(
         prog="python -m service.client",
         description=__doc__,
@@ -182,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m service.client`."""
     args = build_parser().parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
+    try:
+        channel = open_channel(args)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with channel:
         try:
             return int(args.run(channel, args))
         except grpc.RpcError as error:

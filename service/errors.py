@@ -56,6 +56,11 @@ class NotImplementedRpc(ServiceError):
     """The RPC is part of the protocol but not implemented by this server (UNIMPLEMENTED)."""
 
 
+class Unauthenticated(ServiceError):
+    """The call carries no bearer token, or one the server does not accept (UNAUTHENTICATED).
+    The message never repeats what was sent."""
+
+
 class InternalError(ServiceError):
     """A failure inside the server, already logged with its traceback (INTERNAL). Clients get a
     generic message: the text here is for the log only."""

@@ -37,6 +37,8 @@ OK = "OK"
 # Codes whose series exist from a model's load on, at 0, so that a refusal ratio or a refusal
 # panel has data (a rate of 0, not "no data") before the first refusal happens.
 REFUSAL_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED")
+# Why a call was refused with UNAUTHENTICATED (service/auth.py).
+AUTH_FAILURES = ("missing", "invalid")
 
 
 class Metrics:
@@ -135,6 +137,17 @@ class Metrics:
             "(strict readiness) or at least one (relaxed).",
             registry=registry,
         )
+        self.unauthenticated = Counter(
+            "convserve_unauthenticated_requests_total",
+            "Calls refused with UNAUTHENTICATED (token authentication on): no bearer token "
+            "(missing) or one not accepted (invalid), by RPC.",
+            ["rpc", "reason"],
+            registry=registry,
+        )
+        # At 0 from the start (a rate of 0 rather than "no data", as for REFUSAL_CODES).
+        for rpc in INFERENCE_RPCS:
+            for reason in AUTH_FAILURES:
+                self.unauthenticated.labels(rpc, reason)
 
     def for_model(self, name: str, version: int | str) -> ModelMetrics:
         """The per-model view (creates the model's series at their zero values)."""

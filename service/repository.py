@@ -3,6 +3,11 @@
 `ModelRepository.scan()` lists the models and picks the version to serve (the latest, or a
 pinned one); `spec_from_metadata()` turns a model's `convserve.*` metadata into a `ModelSpec`:
 its labels and how an image becomes its input. Nothing here loads a session.
+
+A model directory, or the served version's directory or files, that resolves outside the
+repository (a symlink out of it) is refused: the model fails to load with a message naming the
+path and where it leads, and the other models serve. Whoever can write into the repository can
+still choose what is served; this only keeps the server from reading files elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 VERSION_NAME = re.compile(r"[0-9]{1,18}")  # ASCII digits only: "²".isdigit() is true too
 MODEL_FILE = "model.onnx"
+# The files of a version directory the server reads (metadata.json and labels.txt: the
+# fallbacks of read_metadata and spec_from_metadata).
+VERSION_FILES = (MODEL_FILE, "metadata.json", "labels.txt")
 SUPPORTED_FORMATS = ("1",)
 RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "hamming")
 COLOR_MODES = {"L": 1, "RGB": 3}
@@ -94,20 +102,40 @@ class ModelRepository:
         """The models in the repository, sorted by name. Raises when the root is unusable."""
         if not self.root.is_dir():
             raise ConfigurationError(f"model repository {self.root} is not a directory")
+        root = self.root.resolve()
         entries = [
-            self._entry(child)
+            self._entry(child, root)
             for child in sorted(self.root.iterdir())
             if child.is_dir() and MODEL_NAME.match(child.name) and not child.name.startswith(".")
         ]
         entries = [
-            entry for entry in entries if entry.versions or entry.name in self.pinned_versions
+            entry
+            for entry in entries
+            if entry.versions or entry.problem or entry.name in self.pinned_versions
         ]
         unknown = sorted(set(self.pinned_versions) - {entry.name for entry in entries})
         if unknown:
             logger.warning("pinned models not in %s: %s", self.root, ", ".join(unknown))
         return entries
 
-    def _entry(self, directory: Path) -> ModelEntry:
+    def _entry(self, directory: Path, root: Path) -> ModelEntry:
+        escape = outside_problem(directory, root, "model directory")
+        if escape:  # its versions are not even listed: they are outside too
+            return ModelEntry(directory.name, directory, (), None, problem=escape)
+        entry = self._versions(directory)
+        if entry.problem or entry.version is None:
+            return entry
+        version_dir = directory / str(entry.version)
+        for path, what in (
+            (version_dir, "version directory"),
+            *((version_dir / name, "model file") for name in VERSION_FILES),
+        ):
+            escape = outside_problem(path, root, what)
+            if escape:
+                return dataclasses.replace(entry, problem=escape)
+        return entry
+
+    def _versions(self, directory: Path) -> ModelEntry:
         numbered = [
             child
             for child in directory.iterdir()
@@ -127,6 +155,23 @@ class ModelRepository:
             )
             return dataclasses.replace(entry, problem=problem)
         return entry
+
+
+def outside_problem(path: Path, root: Path, what: str) -> str:
+    """Why `path` is refused, when it resolves outside `root` (resolved); "" when it stays
+    inside or does not exist."""
+    if not (path.is_symlink() or path.exists()):
+        return ""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop
+        return f"{what} {path} cannot be resolved ({error}); refused"
+    if resolved.is_relative_to(root):
+        return ""
+    return (
+        f"{what} {path} resolves to {resolved}, outside the model repository {root}; refused "
+        "(a symlink out of the repository: docs/security.md)"
+    )
 
 
 def _json(metadata: Mapping[str, Any], key: str) -> Any:

@@ -1,6 +1,8 @@
 """The composition root: settings -> model repository -> runtime -> batcher -> servicers -> server.
 
     python -m service --model-repository model_repository [--grpc-port 8001] [--metrics-port 8002]
+    python -m service --tls-cert-file server.pem --tls-key-file server.key --token-file tokens \
+        --health-port 8003        # TLS, bearer tokens, plaintext health for probes (security.md)
 
 Lifecycle: the gRPC port opens first (ServerLive true, health NOT_SERVING), then every model is
 loaded and warmed up, then health turns SERVING and the port file is written. On SIGTERM or
@@ -25,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
 from service.admission import Admission
+from service.auth import TokenAuthInterceptor, read_tokens
 from service.batcher import Batcher, RunBatch
 from service.classify import Classifier
 from service.errors import ConfigurationError
@@ -44,12 +47,14 @@ from service.repository import ModelEntry, ModelRepository
 from service.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
 from service.servicers import ClassificationServicer, InferenceServicer, UnknownInferenceMethods
 from service.settings import Settings, settings_from
+from service.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 CLASSIFICATION_SERVICE = cls_pb2.DESCRIPTOR.services_by_name["ImageClassification"]
 SERVICE_NAMES = (INFERENCE_SERVICE.full_name, CLASSIFICATION_SERVICE.full_name)
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 # gRPC core queues the calls that arrived before the event loop takes them up. Past its default
 # limits (1,000, then a random early drop up to 3,000) it cancels them itself: CANCELLED, seen
 # by no handler and no metric. The server refuses overload itself (RESOURCE_EXHAUSTED, with a
@@ -90,6 +95,7 @@ class InferenceServer:
         self.models: ModelManager | None = None
         self.grpc_port = 0
         self.metrics_port = 0
+        self.health_port: int | None = None
         self._runtime_options = RuntimeOptions(
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
@@ -100,6 +106,7 @@ class InferenceServer:
         )
         self._decode_executor: ThreadPoolExecutor | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
 
     async def start(self) -> None:
@@ -122,13 +129,14 @@ class InferenceServer:
             image_formats=s.image_formats,
         )
         server = grpc.aio.server(
+            interceptors=self._interceptors(),
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared silently
                 ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
                 ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-            ]
+            ],
         )
         inference = InferenceServicer(
             self.models,
@@ -144,27 +152,86 @@ class InferenceServer:
         )
         add_servicer(server, classification, CLASSIFICATION_SERVICE, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+            )
         server.add_generic_rpc_handlers((UnknownInferenceMethods(),))
+        self.grpc_port = self._listen(server)
+        health_server = self._health_server()
+        metrics_host = s.metrics_bind_host
         try:
-            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
-        except RuntimeError as error:
-            raise ConfigurationError(f"cannot listen on {s.host}:{s.grpc_port}: {error}") from None
-        try:
-            self._metrics_http, self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(
+                metrics_host, s.metrics_port
+            )
         except OSError as error:
             raise ConfigurationError(
-                f"cannot listen on {s.host}:{s.metrics_port} (metrics): {error}"
+                f"cannot listen on {metrics_host}:{s.metrics_port} (metrics): {error}"
             ) from None
         await self._publish_readiness()
         await server.start()
         self._grpc = server
+        if health_server is not None:
+            await health_server.start()
+            self._health_grpc = health_server
         logger.info(
-            "listening: gRPC %s:%s, metrics http://%s:%s/metrics",
-            s.host, self.grpc_port, s.host, self.metrics_port,
+            "listening: gRPC %s:%s (%s), metrics http://%s:%s/metrics%s",
+            s.host, self.grpc_port, _transport(s), metrics_host, self.metrics_port,
+            "" if self.health_port is None
+            else f", plaintext health {s.health_host}:{self.health_port}",
         )  # fmt: skip
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The token check, when a token file is set (read here: a bad one stops the start)."""
+        s = self.settings
+        if s.token_file is None:
+            return []
+        tokens = read_tokens(s.token_file)
+        exempt = () if s.auth_health else (HEALTH_SERVICE,)
+        services = (INFERENCE_SERVICE, CLASSIFICATION_SERVICE, REFLECTION_SERVICE)
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        logger.info(
+            "bearer tokens required (%d accepted, from %s); health %s",
+            len(tokens), s.token_file, "too" if s.auth_health else "exempt",
+        )  # fmt: skip
+        if not s.tls:
+            logger.warning(
+                "bearer tokens without TLS travel in cleartext: set tls_cert_file and "
+                "tls_key_file, or terminate TLS in front of the server (docs/security.md)"
+            )
+        return [TokenAuthInterceptor(tokens, self.metrics, (*services, health), exempt)]
+
+    def _listen(self, server: grpc.aio.Server) -> int:
+        """Opens the gRPC port, with TLS when a certificate is set; returns the bound port."""
+        s = self.settings
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert_file is None or s.tls_key_file is None:
+            try:
+                return server.add_insecure_port(address)
+            except RuntimeError as error:
+                raise ConfigurationError(f"cannot listen on {address}: {error}") from None
+        credentials = server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+        try:
+            return server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise ConfigurationError(
+                f"cannot listen on {address} with TLS: {error} (is the port free, and is "
+                f"tls_key_file {s.tls_key_file} the key of tls_cert_file {s.tls_cert_file}?)"
+            ) from None
+
+    def _health_server(self) -> grpc.aio.Server | None:
+        """The plaintext health-only port (same HealthService), when health_port is set."""
+        s = self.settings
+        if s.health_port is None:
+            return None
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{s.health_host}:{s.health_port}"
+        try:
+            self.health_port = server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise ConfigurationError(f"cannot listen on {address} (health): {error}") from None
+        return server
 
     async def _load_model(self, entry: ModelEntry) -> LoadedModel:
         s = self.settings
@@ -211,7 +278,9 @@ class InferenceServer:
         await self.models.load_all()
         await self._publish_readiness()
         if self.settings.port_file is not None:
-            write_port_file(self.settings.port_file, self.grpc_port, self.metrics_port)
+            write_port_file(
+                self.settings.port_file, self.grpc_port, self.metrics_port, self.health_port
+            )
         logger.info("startup finished: %s", "READY" if self.ready() else "NOT READY")
 
     def ready(self) -> bool:
@@ -246,9 +315,10 @@ class InferenceServer:
         await self.admission.quiet(DRAIN_QUIET_S, until=ends_at)
         logger.info("drained: %d calls refused while draining", self.admission.refused)
         await self.health.close(timeout_s=max(0.0, min(1.0, ends_at - loop.time())))
-        if self._grpc is not None:
-            # Only refusals and health calls can still be running: they end at once.
-            await self._grpc.stop(max(0.0, ends_at - loop.time()))
+        for server in (self._grpc, self._health_grpc):
+            if server is not None:
+                # Only refusals and health calls can still be running: they end at once.
+                await server.stop(max(0.0, ends_at - loop.time()))
         for model in self.models.loaded_models() if self.models else []:
             await model.batcher.close()
             await asyncio.to_thread(model.runtime.close)
@@ -261,11 +331,23 @@ class InferenceServer:
         logger.info("stopped")
 
 
-def write_port_file(path: Path, grpc_port: int, metrics_port: int) -> None:
-    """Writes {"grpc_port": N, "metrics_port": M} atomically (readers never see half a file)."""
+def write_port_file(
+    path: Path, grpc_port: int, metrics_port: int, health_port: int | None = None
+) -> None:
+    """Writes {"grpc_port": N, "metrics_port": M} (and "health_port" when there is one)
+    atomically (readers never see half a file)."""
+    ports = {"grpc_port": grpc_port, "metrics_port": metrics_port}
+    if health_port is not None:
+        ports["health_port"] = health_port
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port}))
+    temporary.write_text(json.dumps(ports))
     temporary.replace(path)
+
+
+def _transport(settings: Settings) -> str:
+    if not settings.tls:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca_file is not None else "TLS"
 
 
 async def serve(settings: Settings, *, wrap_run: WrapRun | None = None) -> int:

@@ -23,10 +23,14 @@ from service.images import DEFAULT_IMAGE_FORMATS, readable_formats
 
 ENV_PREFIX = "CONVSERVE_"
 # CONVSERVE_* variables that are not server settings, so the server lets them be: the client's
-# default address, and docker-compose / nginx interpolation (published ports, the balancer).
+# default address and bearer token, and docker-compose / nginx interpolation (published ports,
+# the balancer, the folder of the TLS variant's secrets).
 OTHER_CONVSERVE_VARIABLES = frozenset(
-    {"CONVSERVE_ADDRESS", "CONVSERVE_BIND_ADDRESS", "CONVSERVE_BACKEND", "CONVSERVE_LB_PORT"}
-)
+    {
+        "CONVSERVE_ADDRESS", "CONVSERVE_TOKEN", "CONVSERVE_BIND_ADDRESS", "CONVSERVE_BACKEND",
+        "CONVSERVE_LB_PORT", "CONVSERVE_SECRETS_DIR",
+    }
+)  # fmt: skip
 PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -46,13 +50,67 @@ class Settings:
         metadata=_doc("model repository directory (<model>/<version>/model.onnx)"),
     )
     host: str = field(
-        default="0.0.0.0", metadata=_doc("address the gRPC and metrics servers listen on")
+        default="0.0.0.0",
+        metadata=_doc("address the gRPC server listens on (and metrics, unless --metrics-host)"),
     )
     grpc_port: int = field(
         default=8001, metadata=_doc("gRPC port (KServe V2, Classify, health, reflection); 0 = any")
     )
     metrics_port: int = field(
         default=8002, metadata=_doc("Prometheus /metrics HTTP port; 0 = any free port")
+    )
+    metrics_host: str = field(
+        default="",
+        metadata=_doc(
+            "address the metrics HTTP server listens on (plaintext, unauthenticated: keep it on "
+            "a private interface, docs/security.md)",
+            default_text="the same as --host",
+        ),
+    )
+    health_port: int | None = field(
+        default=None,
+        metadata=_doc(
+            "an extra plaintext port serving only grpc.health.v1, for probes that cannot speak "
+            "TLS (docs/security.md); 0 = any free port",
+            default_text="none",
+        ),
+    )
+    health_host: str = field(
+        default="127.0.0.1", metadata=_doc("address the --health-port listens on")
+    )
+    reflection: bool = field(
+        default=True, metadata=_doc("serve gRPC server reflection (grpcurl without .proto files)")
+    )
+    tls_cert_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM certificate chain of the gRPC port: TLS on (with --tls-key-file); read at start",
+            default_text="none: plaintext",
+        ),
+    )
+    tls_key_file: Path | None = field(
+        default=None,
+        metadata=_doc("PEM private key of --tls-cert-file", default_text="none"),
+    )
+    tls_client_ca_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "PEM CA certificates clients must present a certificate of: mutual TLS (needs "
+            "--tls-cert-file)",
+            default_text="none: no client certificate asked for",
+        ),
+    )
+    token_file: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "file of accepted bearer tokens, one a line: every call but health must send "
+            "`authorization: Bearer <token>`; read at start",
+            default_text="none: no token needed",
+        ),
+    )
+    auth_health: bool = field(
+        default=False,
+        metadata=_doc("require the bearer token for grpc.health.v1 too (probes must send it)"),
     )
     port_file: Path | None = field(
         default=None,
@@ -151,10 +209,11 @@ class Settings:
     log_level: str = field(default="INFO", metadata=_doc("logging level", choices=LOG_LEVELS))
 
     def __post_init__(self) -> None:
-        for name in ("grpc_port", "metrics_port"):
+        for name in ("grpc_port", "metrics_port", "health_port"):
             port = getattr(self, name)
-            if not 0 <= port <= 65535:
+            if port is not None and not 0 <= port <= 65535:
                 raise ConfigurationError(f"{name} must be in 0..65535, got {port}")
+        _check_security(self)
         positive = (
             "max_batch_size", "max_concurrent_batches", "queue_capacity", "max_message_bytes",
             "max_image_bytes", "max_image_pixels", "max_top_k", "decode_threads",
@@ -180,6 +239,34 @@ class Settings:
     def max_queue_delay_s(self) -> float:
         """max_queue_delay_us in seconds, the unit the event loop's clock uses."""
         return self.max_queue_delay_us / 1e6
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """The metrics server's address: metrics_host, else host."""
+        return self.metrics_host or self.host
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port speaks TLS."""
+        return self.tls_cert_file is not None
+
+
+def _check_security(settings: Settings) -> None:
+    cert, key = settings.tls_cert_file, settings.tls_key_file
+    if (cert is None) != (key is None):
+        given, missing = "tls_cert_file", "tls_key_file"
+        if cert is None:
+            given, missing = missing, given
+        raise ConfigurationError(
+            f"{given} is set but {missing} is not; TLS needs both (or neither: plaintext)"
+        )
+    if settings.tls_client_ca_file is not None and cert is None:
+        raise ConfigurationError(
+            "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file: the server "
+            "must speak TLS before it can ask for a client certificate"
+        )
+    if settings.auth_health and settings.token_file is None:
+        raise ConfigurationError("auth_health needs token_file: no token is configured")
 
 
 def _check_image_formats(formats: Sequence[str]) -> None:
@@ -239,6 +326,8 @@ def _converter(item: dataclasses.Field[Any]) -> Callable[[str], Any]:
         return typing.cast(Callable[[str], Any], hint)
     if hint == (Path | None):
         return lambda text: Path(text) if text else None
+    if hint == (int | None):
+        return lambda text: int(text) if text.strip() else None
     if item.name == "model_versions":
         return lambda text: dict(parse_model_version(p) for p in text.split(",") if p.strip())
     if item.name == "image_formats":
@@ -249,6 +338,13 @@ def _converter(item: dataclasses.Field[Any]) -> Callable[[str], Any]:
 def _default_text(value: Any) -> str:
     """A default as it would be typed: tuples comma-separated, like their variable."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _default_of(item: dataclasses.Field[Any]) -> str:
+    """The default as the help shows it: the field's own words where it has them."""
+    if "default_text" in item.metadata:
+        return str(item.metadata["default_text"])
+    return _default_text(item.default)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -274,7 +370,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             parser.add_argument(
                 *names, dest=item.name, type=_converter(item), default=argparse.SUPPRESS,
                 choices=item.metadata.get("choices"),
-                help=f"{help_text} (default: {_default_text(item.default)})",
+                help=f"{help_text} (default: {_default_of(item)})",
             )  # fmt: skip
     return parser
 

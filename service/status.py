@@ -30,6 +30,7 @@ from service.errors import (
     NotImplementedRpc,
     Overloaded,
     ServiceError,
+    Unauthenticated,
     UnknownService,
 )
 from service.metrics import Metrics, ModelMetrics
@@ -50,6 +51,7 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotImplementedRpc: grpc.StatusCode.UNIMPLEMENTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     InternalError: grpc.StatusCode.INTERNAL,
 }
 

@@ -109,11 +109,15 @@ class ManagedProcess:
 
 
 class ServiceProcess(ManagedProcess):
-    """`python -m service` on loopback with OS-chosen ports, read back from its port file."""
+    """`python -m service` on loopback with OS-chosen ports, read back from its port file;
+    `flags` are added to its command line (TLS files, a token file)."""
 
-    def __init__(self, name: str, workdir: Path, repository: Path) -> None:
+    def __init__(
+        self, name: str, workdir: Path, repository: Path, flags: Sequence[str | Path] = ()
+    ) -> None:
         super().__init__(name, workdir)
         self.repository = repository
+        self.flags = tuple(flags)
         self.port_file = workdir / f"{name}.ports.json"
         self.grpc_port = 0
         self.metrics_port = 0
@@ -130,7 +134,7 @@ class ServiceProcess(ManagedProcess):
                 sys.executable, "-m", "service",
                 "--model-repository", self.repository,
                 "--host", LOOPBACK, "--grpc-port", "0", "--metrics-port", "0",
-                "--port-file", self.port_file,
+                "--port-file", self.port_file, *self.flags,
             ],
             env,
         )  # fmt: skip

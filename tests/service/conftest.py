@@ -3,8 +3,9 @@
 `start_server(repository, **settings)` starts an `InferenceServer` in a background thread with
 its own event loop (so sync and async tests can both talk to it over real gRPC channels), waits
 until its models are loaded, and stops it at the end of the test. It returns a `RunningServer`
-with the address, the server object and its private Prometheus registry. The round-trip test
-(train -> export -> serve -> classify) reuses it with the trained repository.
+with the address, the server object and its private Prometheus registry. For a server with TLS
+pass `channel_credentials=grpc.ssl_channel_credentials(...)`: its channels use them. The
+round-trip test (train -> export -> serve -> classify) reuses it with the trained repository.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.server import InferenceServer
 from service.settings import Settings
+from tests.certificates import Pki, make_pki
 from tests.model_factory import TinySpec, write_version
 
 T = TypeVar("T")
@@ -43,6 +45,7 @@ class RunningServer:
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     channels: list[grpc.Channel] = field(default_factory=list)
+    credentials: grpc.ChannelCredentials | None = None
 
     @property
     def address(self) -> str:
@@ -60,7 +63,11 @@ class RunningServer:
         self.run(self.server.load_models())
 
     def channel(self) -> grpc.Channel:
-        channel = grpc.insecure_channel(self.address)
+        """A channel to the gRPC port: TLS with `credentials` when the test gave them."""
+        if self.credentials is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            channel = grpc.secure_channel(self.address, self.credentials)
         self.channels.append(channel)
         return channel
 
@@ -93,13 +100,14 @@ def _start(repository: Path, load: bool, overrides: dict[str, Any]) -> RunningSe
         "grace_period_s": 2.0,
     }
     wrap_run = overrides.pop("wrap_run", None)
+    credentials = overrides.pop("channel_credentials", None)
     values.update(overrides)
     registry = CollectorRegistry()
     server = InferenceServer(Settings(**values), registry=registry, wrap_run=wrap_run)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
     thread.start()
-    running = RunningServer(server, registry, loop, thread)
+    running = RunningServer(server, registry, loop, thread, credentials=credentials)
     try:
         running.run(server.start())
         if load:
@@ -115,8 +123,9 @@ StartServer = Callable[..., RunningServer]
 
 @pytest.fixture
 def start_server() -> Iterator[StartServer]:
-    """`start_server(repository, load=True, wrap_run=None, **settings)` -> RunningServer,
-    stopped afterwards (`wrap_run=gate.wrap` holds its batches at a BatchGate)."""
+    """`start_server(repository, load=True, wrap_run=None, channel_credentials=None,
+    **settings)` -> RunningServer, stopped afterwards (`wrap_run=gate.wrap` holds its batches
+    at a BatchGate; `channel_credentials` are what its channels use)."""
     started: list[RunningServer] = []
 
     def start(repository: Path, load: bool = True, **settings: Any) -> RunningServer:
@@ -136,6 +145,12 @@ def two_version_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_version(repository, "tiny", 1, TinySpec(seed=1))
     write_version(repository, "tiny", 2, TinySpec(seed=2))
     return repository
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """CAs and certificates for 127.0.0.1 (tests/certificates.py), made once per session."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def random_images(count: int, seed: int, spec: TinySpec | None = None) -> np.ndarray:

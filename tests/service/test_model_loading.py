@@ -145,3 +145,49 @@ def test_every_batch_size_up_to_max_batch_size_is_warmed_up(
     monkeypatch.setattr(OnnxModel, "run_blocking", recording_run)
     start_server(tiny_repository, max_batch_size=6)
     assert warmed == [1, 2, 3, 4, 5, 6]  # the batcher forms any size; none is new to a request
+
+
+def test_symlinks_out_of_the_repository_are_refused_and_the_others_serve(
+    start_server: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository, outside = tmp_path / "repository", tmp_path / "outside"
+    write_version(repository, "good", 1, TinySpec())
+    write_version(outside, "elsewhere", 1, TinySpec())
+    elsewhere = (outside / "elsewhere").resolve()
+    (repository / "linked_model").symlink_to(elsewhere)  # a model directory
+    (repository / "linked_version").mkdir()
+    (repository / "linked_version" / "1").symlink_to(elsewhere / "1")  # a version directory
+    write_version(repository, "linked_file", 2, TinySpec())
+    model_file = repository / "linked_file" / "2" / "model.onnx"
+    model_file.unlink()
+    model_file.symlink_to(Path("../../../outside/elsewhere/1/model.onnx"))  # relative, escaping
+    (repository / "alias").symlink_to("good")  # inside the repository: served
+    with caplog.at_level(logging.ERROR):
+        running = start_server(repository, strict_readiness=False)
+    errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    root = repository.resolve()
+    for name, version, what, path, target in (
+        ("linked_model", "none", "model directory", "linked_model", elsewhere),
+        ("linked_version", "1", "version directory", "linked_version/1", elsewhere / "1"),
+        ("linked_file", "2", "model file", "linked_file/2/model.onnx", elsewhere / "1/model.onnx"),
+    ):
+        assert (
+            f"model {name} version {version} failed to load: {what} {repository / path} "
+            f"resolves to {target}, outside the model repository {root}; refused"
+        ) in errors
+    stub = running.inference_stub()
+    for name in ("linked_model", "linked_version", "linked_file"):
+        assert not stub.ModelReady(pb2.ModelReadyRequest(name=name)).ready
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(infer_request(random_images(1, 2), model=name))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert str(outside) not in caught.value.details()  # paths stay in the log
+    for name in ("good", "alias"):
+        assert stub.ModelInfer(infer_request(random_images(1, 2), model=name)).model_name == name
+
+
+def test_a_symlinked_repository_root_is_followed(tmp_path: Path) -> None:
+    write_version(tmp_path / "real", "tiny", 1, TinySpec())
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (entry,) = ModelRepository(tmp_path / "link").scan()
+    assert (entry.name, entry.version, entry.problem) == ("tiny", 1, "")

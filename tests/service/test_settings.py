@@ -126,3 +126,65 @@ def test_main_exits_2_on_an_unknown_variable(
     monkeypatch.setenv("CONVSERVE_PROVIDER", "cuda")
     assert main([]) == 2
     assert "CONVSERVE_PROVIDER (did you mean CONVSERVE_PROVIDERS?)" in capsys.readouterr().err
+
+
+def test_security_settings_default_to_today_s_behaviour() -> None:
+    settings = settings_from([], environ={})
+    assert (settings.tls, settings.token_file, settings.health_port) == (False, None, None)
+    assert settings.reflection is True and settings.auth_health is False
+    assert settings.metrics_bind_host == settings.host == "0.0.0.0"
+    assert settings_from(["--host", "10.0.0.5"], environ={}).metrics_bind_host == "10.0.0.5"
+
+
+def test_security_settings_from_variables_and_flags() -> None:
+    environ = {
+        "CONVSERVE_METRICS_HOST": "0.0.0.0",
+        "CONVSERVE_HEALTH_PORT": "8003",
+        "CONVSERVE_REFLECTION": "false",
+        "CONVSERVE_TLS_CERT_FILE": "/tls/tls.crt",
+        "CONVSERVE_TLS_KEY_FILE": "/tls/tls.key",
+        "CONVSERVE_TOKEN_FILE": "/tokens/tokens",
+    }
+    settings = settings_from(["--host", "127.0.0.1", "--tls-client-ca-file", "/ca.pem"], environ)
+    assert (settings.host, settings.metrics_bind_host) == ("127.0.0.1", "0.0.0.0")
+    assert (settings.health_port, settings.health_host) == (8003, "127.0.0.1")
+    assert settings.reflection is False and settings.tls
+    assert settings.tls_client_ca_file == Path("/ca.pem")
+    assert settings.token_file == Path("/tokens/tokens")
+    assert settings_from(["--reflection", "--health-port", ""], environ).reflection is True
+    assert settings_from(["--health-port", ""], environ).health_port is None
+    # the client's token variable is let be, as its address is
+    assert settings_from([], {"CONVSERVE_TOKEN": "x"}).token_file is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"CONVSERVE_TLS_CERT_FILE": "c.pem"},
+            r"^tls_cert_file is set but tls_key_file is not; TLS needs both",
+        ),
+        (
+            {"CONVSERVE_TLS_KEY_FILE": "k.pem"},
+            r"^tls_key_file is set but tls_cert_file is not; TLS needs both",
+        ),
+        (
+            {"CONVSERVE_TLS_CLIENT_CA_FILE": "ca.pem"},
+            r"^tls_client_ca_file \(mutual TLS\) needs tls_cert_file and tls_key_file",
+        ),
+        ({"CONVSERVE_AUTH_HEALTH": "true"}, r"^auth_health needs token_file"),
+        ({"CONVSERVE_HEALTH_PORT": "-1"}, r"^health_port must be in 0..65535, got -1"),
+        ({"CONVSERVE_HEALTH_PORT": "x"}, r"^CONVSERVE_HEALTH_PORT: invalid literal"),
+        ({"CONVSERVE_TOKEN_FLIE": "t"}, r"did you mean CONVSERVE_TOKEN_FILE\?"),
+    ],
+)
+def test_inconsistent_security_settings_fail_fast(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        settings_from([], environ)
+
+
+def test_help_shows_the_security_defaults_in_words() -> None:
+    help_text = " ".join(build_parser().format_help().split())
+    assert "(default: the same as --host)" in help_text
+    assert "(default: none: plaintext)" in help_text
+    assert "--reflection, --no-reflection" in help_text

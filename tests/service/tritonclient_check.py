@@ -1,12 +1,17 @@
 """Talks to a running convserve server with Triton's own client, unchanged.
 
     python -m tests.service.tritonclient_check --address 127.0.0.1:8001 --descriptor FILE
+    python -m tests.service.tritonclient_check ... --root-certificates ca.pem \
+        [--private-key client.key --certificate-chain client.pem] [--token TOKEN]
 
 Runs in its own process: tritonclient ships generated `inference.*` messages of its own, and
 the default protobuf descriptor pool refuses a second definition of the same symbols, so this
 process must never import `service._proto`. `--descriptor` is our grpc_service.proto as a
 serialized FileDescriptorProto (read as plain data, never added to the pool), compared field by
-field with tritonclient's for wire compatibility. Exits non-zero on the first failed check.
+field with tritonclient's for wire compatibility. With the TLS options the client connects as
+`InferenceServerClient(url, ssl=True, root_certificates=..., ...)`, and with `--token` every call
+sends `headers={"authorization": "Bearer <token>"}`, which tritonclient passes as gRPC metadata.
+Exits non-zero on the first failed check.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -56,12 +62,62 @@ def check_wire_compatibility(descriptor_file: Path) -> None:
     print(f"wire: {len(ours.message_type)} messages, {len(ours.service[0].method)} methods match")
 
 
-def check_client(address: str) -> None:
+def connect(address: str, args: argparse.Namespace) -> Any:
+    if args.root_certificates is None:
+        return triton.InferenceServerClient(address)
+    return triton.InferenceServerClient(
+        address,
+        ssl=True,
+        root_certificates=args.root_certificates,
+        private_key=args.private_key,
+        certificate_chain=args.certificate_chain,
+    )
+
+
+def channel(address: str, args: argparse.Namespace) -> grpc.Channel:
+    if args.root_certificates is None:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        *(
+            Path(path).read_bytes() if path else None
+            for path in (args.root_certificates, args.private_key, args.certificate_chain)
+        )
+    )
+    return grpc.secure_channel(address, credentials)
+
+
+def check_security(address: str, args: argparse.Namespace) -> None:
+    """Without the token a call is refused; with TLS, a plaintext client is."""
+    if args.token:
+        try:
+            connect(address, args).is_server_ready()
+        except InferenceServerException as error:
+            assert "UNAUTHENTICATED" in str(error.status()), error.status()
+            assert "missing or invalid bearer token" in error.message()
+        else:
+            raise AssertionError("a call without the token was answered")
+        print("token required: ok")
+    if args.root_certificates:
+        try:
+            triton.InferenceServerClient(address).is_server_live(headers=headers(args))
+        except InferenceServerException as error:
+            assert "UNAVAILABLE" in str(error.status()), error.status()
+        else:
+            raise AssertionError("a plaintext client was answered")
+        print("plaintext refused: ok")
+
+
+def headers(args: argparse.Namespace) -> dict[str, str] | None:
+    return {"authorization": f"Bearer {args.token}"} if args.token else None
+
+
+def check_client(address: str, args: argparse.Namespace) -> None:
     spec = TinySpec()
-    client = triton.InferenceServerClient(address)
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("tiny")
-    metadata = client.get_model_metadata("tiny")
+    client = connect(address, args)
+    sent = headers(args)
+    assert client.is_server_live(headers=sent) and client.is_server_ready(headers=sent)
+    assert client.is_model_ready("tiny", headers=sent)
+    metadata = client.get_model_metadata("tiny", headers=sent)
     assert metadata.inputs[0].name == "images" and metadata.inputs[0].datatype == "UINT8"
     assert list(metadata.outputs[0].shape) == [-1, 10]
 
@@ -69,13 +125,16 @@ def check_client(address: str) -> None:
     expected = reference_logits(spec, images)
     tensor = triton.InferInput("images", list(images.shape), "UINT8")
     tensor.set_data_from_numpy(images)
-    result = client.infer("tiny", [tensor], request_id="t-1")
+    result = client.infer("tiny", [tensor], request_id="t-1", headers=sent)
     assert result.get_response().id == "t-1"
     np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
     print("raw infer: ok")
 
     result = client.infer(
-        "tiny", [tensor], outputs=[triton.InferRequestedOutput("logits", class_count=3)]
+        "tiny",
+        [tensor],
+        outputs=[triton.InferRequestedOutput("logits", class_count=3)],
+        headers=sent,
     )
     top = result.as_numpy("logits")
     assert top.shape == (4, 3), top.shape
@@ -91,8 +150,11 @@ def check_client(address: str) -> None:
     request = service_pb2.ModelInferRequest(model_name="tiny")
     typed = request.inputs.add(name="images", datatype="UINT8", shape=[1, 1, 28, 28])
     typed.contents.uint_contents.extend(images[:1].ravel().tolist())
-    with grpc.insecure_channel(address) as channel:
-        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    metadata_entries = list(sent.items()) if sent else None
+    with channel(address, args) as opened:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(opened).ModelInfer(
+            request, metadata=metadata_entries
+        )
     logits = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(1, 10)
     np.testing.assert_allclose(logits, expected[:1], atol=1e-5)
     print("typed contents: ok")
@@ -100,7 +162,7 @@ def check_client(address: str) -> None:
     wrong = triton.InferInput("images", [1, 1, 28, 28], "FP32")
     wrong.set_data_from_numpy(np.zeros((1, 1, 28, 28), dtype=np.float32))
     try:
-        client.infer("tiny", [wrong])
+        client.infer("tiny", [wrong], headers=sent)
     except InferenceServerException as error:
         assert "INVALID_ARGUMENT" in str(error.status()), error.status()
         assert "expects one input: images UINT8" in error.message()
@@ -113,10 +175,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--address", required=True)
     parser.add_argument("--descriptor", type=Path, required=True)
+    parser.add_argument("--root-certificates", help="PEM CA file: connect with TLS")
+    parser.add_argument("--private-key", help="PEM client key (mutual TLS)")
+    parser.add_argument("--certificate-chain", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--token", help="bearer token sent with every call")
     args = parser.parse_args()
     assert "service._proto.grpc_service_pb2" not in sys.modules
     check_wire_compatibility(args.descriptor)
-    check_client(args.address)
+    check_security(args.address, args)
+    check_client(args.address, args)
     return 0
 
 
