@@ -5,21 +5,30 @@ PY     := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 MODEL      ?= mnist_cnn
 
-.PHONY: run train serve test test-contended faults lint typecheck proto tools bench clean
+.PHONY: run train serve test test-contended faults lint typecheck proto tools bench clean constraints
 
 # --- set-up -----------------------------------------------------------------
+# Every install takes its versions from constraints.txt, the versions the tests ran; the images
+# install the same ones (scripts/install-deps.sh). --build-constraint pins setuptools for the build.
+PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt
+
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt pip setuptools
 
-# One stamp per dependency set, remade when pyproject.toml changes.
-$(VENV)/.stamp-run: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[training,serving]'
+# One stamp per dependency set, remade when pyproject.toml or the pins change.
+$(VENV)/.stamp-run: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP_INSTALL) -e '.[training,serving]'
 	touch $@
 
-$(VENV)/.stamp-dev: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[training,serving,dev]'
+$(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP_INSTALL) -e '.[training,serving,dev]'
 	touch $@ $(VENV)/.stamp-run
+
+# Rewrites constraints.txt from .venv after a deliberate upgrade there (tested with `make test`);
+# a test fails while the file and .venv disagree.
+constraints:
+	$(PY) scripts/freeze-constraints.py
 
 # System tools the deployment checks run for real: Prometheus (promtool) and nginx.
 tools:

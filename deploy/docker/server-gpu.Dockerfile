@@ -3,19 +3,21 @@
 #   docker build -f deploy/docker/server-gpu.Dockerfile -t convserve-server-gpu:0.1.0 .
 #   docker run --gpus 1 -p 8001:8001 -p 8002:8002 -v "$PWD/model_repository:/models:ro" convserve-server-gpu:0.1.0
 #
-# onnxruntime-gpu 1.22.0 is built with CUDA 12.2 and links libcudart.so.12, libcublas(Lt).so.12,
-# libcufft.so.11, libcurand.so.10, libnvrtc.so.12 and libcudnn.so.9: the CUDA 12.6 cudnn-runtime
-# image has all of them. Newer onnxruntime-gpu releases link CUDA 13 and need a CUDA 13 base:
-# change both together. The host needs an NVIDIA driver for CUDA 12.6 and the NVIDIA Container
-# Toolkit. Without a GPU the server falls back to the CPU and says so in
-# convserve_provider_fallback (alert ConvserveProviderFallback).
+# Everything but onnxruntime-gpu comes from constraints.txt, as in the CPU image and the tests.
+# onnxruntime-gpu is constraints-gpu-image.txt's 1.26.0, the last release built for CUDA 12
+# (12.8, cuDNN 9; later ones link CUDA 13): it links libcudart.so.12, libcublas(Lt).so.12,
+# libcufft.so.11, libcurand.so.10 and libcudnn.so.9, which this 12.8 cudnn-runtime base has.
+# Ubuntu 24.04 because onnxruntime 1.24+ needs Python 3.11+ (24.04's python3 is 3.12; 22.04's is
+# 3.10). Change the base and constraints-gpu-image.txt together. The host needs an NVIDIA driver
+# for CUDA 12.8 (570+) and the NVIDIA Container Toolkit. Without a GPU the server falls back to
+# the CPU and says so in convserve_provider_fallback (alert ConvserveProviderFallback).
 
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 AS build
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS build
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
-# Ubuntu's python3 (3.10) follows the base image's security updates; pinning its Debian revision
+# Ubuntu's python3 (3.12) follows the base image's security updates; pinning its Debian revision
 # would break the build at every update, so the base image tag is the pin.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -23,14 +25,15 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install pip==24.3.1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt constraints-gpu-image.txt ./
+COPY scripts/install-deps.sh scripts/
 COPY service/ service/
-ARG ONNXRUNTIME_GPU_VERSION=1.22.0
-RUN pip install "./[serving]" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
+# .[serving] with every version from constraints.txt but onnxruntime-gpu's
+# (tests/deploy/test_image_installs.py replays this line and serves from it).
+RUN bash scripts/install-deps.sh server-gpu
 
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \

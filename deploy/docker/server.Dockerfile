@@ -13,15 +13,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+COPY scripts/install-deps.sh scripts/
 COPY service/ service/
-# The `serving` extra picks onnxruntime-gpu on Linux x86_64. This image swaps it for the CPU build
-# (the same `onnxruntime` module at a tenth of the size); the swap happens in this stage, so the
-# final image holds only the CPU wheel.
-ARG ONNXRUNTIME_VERSION=1.22.1
-RUN pip install "./[serving]" \
-    && pip uninstall --yes onnxruntime-gpu \
-    && pip install "onnxruntime==${ONNXRUNTIME_VERSION}"
+# .[serving-cpu] with every version from constraints.txt: the CPU-only onnxruntime at the version
+# the tests run (tests/deploy/test_image_installs.py replays this line and serves from it).
+RUN bash scripts/install-deps.sh server
 
 FROM python:3.11.11-slim-bookworm
 # A fixed uid: Kubernetes' runAsNonRoot can verify it, and a fresh named volume mounted at

@@ -14,9 +14,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+COPY scripts/install-deps.sh scripts/
 COPY training/ training/
-RUN pip install "./[training]"
+# .[training] with every version from constraints.txt. PyPI's torch for Linux x86_64 is the CUDA
+# build: it pulls several GB of nvidia-* wheels. For a CPU-only image (roughly 4 GB smaller):
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ...
+ARG TORCH_INDEX_URL=""
+RUN bash scripts/install-deps.sh trainer
 
 FROM python:3.11.11-slim-bookworm
 RUN groupadd --system --gid 10001 convserve \
