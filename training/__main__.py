@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|export-arch ...``"""
+"""``python -m training train|compare|evaluate|export-arch|samples ...``"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The command line: ``python -m training {train,evaluate,export-arch,samples} --help``.
+"""The command line: ``python -m training {train,compare,evaluate,export-arch,samples} --help``.
 
 - ``python -m training train --repository model_repository --model-name mnist_cnn``
+- ``python -m training compare --out runs/compare`` (dense baseline vs CNN: training.compare)
 - ``python -m training evaluate --model model_repository/mnist_cnn/1``
 - ``python -m training export-arch resnet18 --num-classes 10 --input-size 32 --channels 3
   --repository model_repository --model-name resnet18``
@@ -100,16 +101,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) 
         )
 
 
-def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        parents=[common],
-        help="train a CNN and export it as the next version",
-        description="Train a CNN, export it to ONNX and write it into the model repository as "
-        "the next version, with a report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    _add_data_arguments(parser)
+def _add_model_and_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--preset",
@@ -153,6 +145,19 @@ def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=TrainConfig.seed, help="seed of weights, batches, augmentation"
     )
     optim.add_argument("--device", default=TrainConfig.device, help="auto, cpu or cuda")
+
+
+def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        parents=[common],
+        help="train a CNN and export it as the next version",
+        description="Train a CNN, export it to ONNX and write it into the model repository as "
+        "the next version, with a report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_arguments(parser)
+    _add_model_and_optimisation_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--repository", default=TrainConfig.repository)
     out.add_argument("--model-name", default=TrainConfig.model_name)
@@ -172,6 +177,46 @@ def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _add_compare_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        parents=[common],
+        help="train a dense baseline beside the CNN and report what the convolutions buy",
+        description="Train the CNN and a dense baseline with at least as many parameters on the "
+        "same split, seed and budget; export both; compare accuracy (ONNX Runtime), training "
+        "time and accuracy under shifts; show weight sharing, the hierarchy and the mistakes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_arguments(parser)
+    _add_model_and_optimisation_arguments(parser)
+    group = parser.add_argument_group("comparison")
+    group.add_argument(
+        "--dense-layers", type=int, default=2, help="hidden layers of the dense baseline: 1 or 2"
+    )
+    group.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/compare"),
+        help="where index.md and the figures go (without --repository)",
+    )
+    group.add_argument(
+        "--repository",
+        dest="publish_to",
+        metavar="REPOSITORY",
+        default=None,
+        help="also publish the CNN as the next version of <repository>/<model-name>, with "
+        "compare/ beside its report/",
+    )
+    group.add_argument("--model-name", default=TrainConfig.model_name)
+    group.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.set_defaults(
+        repository=TrainConfig.repository,
+        checkpoint_dir=TrainConfig.checkpoint_dir,
+        resume=None,
+        report=True,
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -181,6 +226,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers, common)
+    _add_compare_parser(subparsers, common)
 
     evaluate = subparsers.add_parser(
         "evaluate",
@@ -386,6 +432,28 @@ def _run_export_arch(args: argparse.Namespace, started: float) -> int:
     return 0
 
 
+def _run_compare(args: argparse.Namespace, started: float) -> int:
+    from dataclasses import replace
+
+    from training.compare.run import run_comparison
+
+    config = train_config(args)
+    if args.publish_to is not None:
+        config = replace(config, repository=args.publish_to)
+    comparison = run_comparison(
+        config,
+        out=None if args.publish_to is not None else args.out,
+        dense_layers=args.dense_layers,
+    )
+    if comparison.version is not None:
+        print(f"wrote version {comparison.version.version}: {comparison.version.path}")
+    for line in comparison.summary():
+        print(line)
+    print(f"report: {comparison.directory / 'index.md'}")
+    print(f"wall time: {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def _run_samples(args: argparse.Namespace) -> int:
     from training.data import load_data
     from training.samples import write_samples
@@ -412,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _run_train(args, started)
+        if args.command == "compare":
+            return _run_compare(args, started)
         if args.command == "evaluate":
             return _run_evaluate(args)
         if args.command == "samples":

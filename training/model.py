@@ -9,6 +9,7 @@ raw pixels (uint8 in the exported graph) exactly as the service sends them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,6 +104,11 @@ class ImageClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(self.normalise(images))
+
+    def network_config(self) -> dict[str, Any]:
+        """The wrapped network's configuration as a dict (the CNN's or the dense baseline's)."""
+        config = getattr(self.network, "config", None)
+        return config.to_dict() if config is not None else {}
 
     @property
     def convnet(self) -> ConvNet:

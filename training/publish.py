@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,16 @@ def _normalisation(module: nn.Module) -> tuple[list[float], list[float]]:
     return [round(m, 6) for m in mean], [round(s, 6) for s in std]
 
 
+def export_checked(module: nn.Module, onnx_path: Path, images: np.ndarray) -> None:
+    """Exports ``module`` to ``onnx_path`` and proves it: structure, then parity at batch 1 and 8.
+
+    The one export path of every model this package writes, published or not (the comparison's
+    dense baseline goes through it too).
+    """
+    export_onnx(module, onnx_path, images[:2])
+    check_parity(onnx_path, module, images, PARITY_BATCH_SIZES)
+
+
 @contextlib.contextmanager
 def _exported(
     module: nn.Module, repository: Path, model_name: str, images: np.ndarray
@@ -59,8 +69,7 @@ def _exported(
     check_model_name(model_name)
     with staging_directory(repository / model_name) as staging:
         onnx_path = staging / "model.onnx"
-        export_onnx(module, onnx_path, images[:2])
-        check_parity(onnx_path, module, images, PARITY_BATCH_SIZES)
+        export_checked(module, onnx_path, images)
         yield staging, onnx_path
 
 
@@ -82,8 +91,13 @@ def publish_classifier(
     *,
     history: list[dict[str, float]],
     write_report: bool = True,
+    write_extra: Callable[[Path, Path], None] | None = None,
 ) -> PublishedVersion:
-    """Exports a trained classifier with its test accuracy and report as the next version."""
+    """Exports a trained classifier with its test accuracy and report as the next version.
+
+    ``write_extra(staging, onnx_path)``, when given, writes more files into the version before
+    it is published (``python -m training compare`` adds ``compare/``).
+    """
     test = dataset.test
     mean, std = _normalisation(classifier)
     with _exported(classifier, repository, model_name, test.images) as (staging, onnx_path):
@@ -93,7 +107,7 @@ def publish_classifier(
             preprocessing=preprocessing_metadata(
                 dataset.color_mode, dataset.image_size, dataset.image_size, mean, std
             ),
-            model_config=classifier.convnet.config.to_dict(),
+            model_config=classifier.network_config(),
             training=training_record,
             dataset=dataset.name,
             test_accuracy=evaluation.accuracy,
@@ -117,6 +131,8 @@ def publish_classifier(
                     "created": metadata["convserve.created"],
                 },
             )
+        if write_extra is not None:
+            write_extra(staging, onnx_path)
         version, path = _publish(staging, onnx_path, dataset.classes, metadata)
     return PublishedVersion(version, path, evaluation.accuracy, evaluation)
 

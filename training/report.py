@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 FIGURES = ("curves.png", "confusion_matrix.png", "filters.png", "feature_maps.png")
 
 
-def _save(figure: Figure, path: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
     FigureCanvasAgg(figure)
     figure.savefig(str(path), dpi=100, bbox_inches="tight")
 
@@ -46,7 +46,7 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
         axis.set_title(f"{metric} per epoch")
         axis.grid(alpha=0.3)
         axis.legend()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:
@@ -66,7 +66,7 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> Non
         for (row, column), count in np.ndenumerate(confusion):
             color = "white" if count > threshold else "black"
             axis.text(column, row, str(count), ha="center", va="center", color=color, fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_filters(weight: torch.Tensor, path: Path) -> None:
@@ -89,7 +89,7 @@ def plot_filters(weight: torch.Tensor, path: Path) -> None:
     figure.suptitle(
         f"first-layer filters ({count} x {kernels.shape[1]}x{kernels.shape[2]}x{kernels.shape[3]})"
     )
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_feature_maps(
@@ -116,7 +116,7 @@ def plot_feature_maps(
             fontsize=8,
             loc="left",
         )
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def write_report(

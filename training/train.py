@@ -132,7 +132,7 @@ def fit(
         )
         identity = {
             "config": config.to_dict(),
-            "model_config": classifier.convnet.config.to_dict(),
+            "model_config": classifier.network_config(),
             "classes": dataset.classes,
             "color_mode": dataset.color_mode,
         }
@@ -177,6 +177,27 @@ def resolve_model_config(config: TrainConfig, dataset: Dataset) -> ModelConfig:
     )
 
 
+def training_record(
+    config: TrainConfig, dataset: Dataset, result: FitResult, device: torch.device, seconds: float
+) -> dict[str, Any]:
+    """``convserve.training``: the run's arguments and what came of them."""
+    return {
+        **config.to_dict(),
+        "epochs": config.resolved_epochs(),
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": round(result.best_val_accuracy, 6),
+        "train_seconds": round(seconds, 1),
+        "device": str(device),
+        "split_sizes": {
+            "train": len(dataset.train),
+            "val": len(dataset.val),
+            "test": len(dataset.test),
+        },
+        "skipped_files": len(dataset.skipped_files),
+        "torch": torch.__version__,
+    }
+
+
 def main(config: TrainConfig, run_dir: Path | None = None) -> PublishedVersion:
     """Trains, exports and publishes one new version; returns where it went.
 
@@ -202,25 +223,10 @@ def main(config: TrainConfig, run_dir: Path | None = None) -> PublishedVersion:
     logger.info("checkpoints of this run: %s", run_dir)
     result = fit(classifier, dataset, config, device, run_dir, resume_state)
     classifier.load_state_dict(result.best_state)
-    training_record = {
-        **config.to_dict(),
-        "epochs": config.resolved_epochs(),
-        "best_epoch": result.best_epoch,
-        "best_val_accuracy": round(result.best_val_accuracy, 6),
-        "train_seconds": round(time.monotonic() - started, 1),
-        "device": str(device),
-        "split_sizes": {
-            "train": len(dataset.train),
-            "val": len(dataset.val),
-            "test": len(dataset.test),
-        },
-        "skipped_files": len(dataset.skipped_files),
-        "torch": torch.__version__,
-    }
     return publish_classifier(
         classifier,
         dataset,
-        training_record,
+        training_record(config, dataset, result, device, time.monotonic() - started),
         Path(config.repository),
         config.model_name,
         history=result.history,
