@@ -130,6 +130,9 @@ def publish_classifier(
                     "best epoch (validation)": training_record.get("best_epoch"),
                     "created": metadata["convserve.created"],
                 },
+                onnx_path=onnx_path,
+                test_images=test.images,
+                test_labels=test.labels,
             )
         if write_extra is not None:
             write_extra(staging, onnx_path)

@@ -1,8 +1,10 @@
 """The report written next to each version: ``<version>/report/index.md`` and its PNG figures.
 
 Figures: loss and accuracy curves, the confusion matrix of the test split (ONNX Runtime), the
-first layer's filters, the feature maps of one test image after every block. ``index.md`` adds
-per-class accuracy and the parameter arithmetic (see :mod:`training.params`).
+first layer's filters, the feature maps of one test image after every block, and the occlusion
+maps of a few test images, right and wrong, computed on the exported model through ONNX Runtime
+(see :mod:`training.occlusion`). ``index.md`` adds per-class accuracy, the occlusion settings and
+the parameter arithmetic (see :mod:`training.params`).
 
 Matplotlib is used through ``Figure`` + the Agg canvas only: no pyplot state, no display.
 """
@@ -21,12 +23,29 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from training.model import ImageClassifier
-from training.onnx_eval import Evaluation
+from training.occlusion import (
+    Occlusion,
+    count_positions,
+    occlusion_map,
+    typical_fill,
+)
+from training.onnx_eval import Evaluation, onnx_logits, onnx_session
 from training.params import parameter_markdown
 
 logger = logging.getLogger(__name__)
 
-FIGURES = ("curves.png", "confusion_matrix.png", "filters.png", "feature_maps.png")
+FIGURES = (
+    "curves.png",
+    "confusion_matrix.png",
+    "filters.png",
+    "feature_maps.png",
+    "occlusion.png",
+)
+
+OCCLUSION_SECTION = "## What the network looked at: occlusion sensitivity"
+
+OCCLUSION_IMAGES = 4
+"""Test images explained of each kind: correctly classified, then misclassified."""
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -119,6 +138,134 @@ def plot_feature_maps(
     save_figure(figure, path)
 
 
+def pick_explained(
+    labels: np.ndarray, predictions: np.ndarray, count: int = OCCLUSION_IMAGES
+) -> tuple[list[int], list[int]]:
+    """Test indices to explain: ``count`` right ones of distinct classes, ``count`` wrong ones.
+
+    The first of each kind in test order, so the same run picks the same images.
+    """
+    right: list[int] = []
+    seen: set[int] = set()
+    for index in np.flatnonzero(predictions == labels).tolist():
+        if int(labels[index]) not in seen and len(right) < count:
+            right.append(index)
+            seen.add(int(labels[index]))
+    wrong = np.flatnonzero(predictions != labels)[:count].tolist()
+    return right, wrong
+
+
+def explain_with_onnx(
+    onnx_path: Path, images: np.ndarray, fill: tuple[int, ...]
+) -> list[Occlusion]:
+    """The occlusion map of each image ``[C, H, W]`` on the exported model (ONNX Runtime)."""
+    session = onnx_session(onnx_path)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return onnx_logits(session, batch)
+
+    return [occlusion_map(predict, image, fill=fill) for image in images]
+
+
+def plot_occlusion(
+    images: np.ndarray,
+    labels: np.ndarray,
+    occlusions: list[Occlusion],
+    right: int,
+    classes: list[str],
+    path: Path,
+) -> None:
+    """Each image with its pixel map over it; the first ``right`` (correct ones) in a row."""
+    kinds = [("correct", occlusions[:right]), ("misclassified", occlusions[right:])]
+    rows = [(name, items) for name, items in kinds if items]
+    columns = max(len(items) for _, items in rows)
+    maps = [occlusion.pixels() for occlusion in occlusions]
+    scale = max(float(np.nanmax(np.abs(m))) for m in maps) or 1.0
+    figure = Figure(figsize=(columns * 2.2 + 1.0, len(rows) * 2.5 + 0.8))
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    shown = None
+    start = 0
+    for row, (name, items) in enumerate(rows):
+        for column, occlusion in enumerate(items):
+            index = start + column
+            axis = axes[row, column]
+            picture = images[index].transpose(1, 2, 0)
+            axis.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray")
+            # Opacity follows the size of the drop, so where nothing mattered the digit shows.
+            opacity = 0.85 * np.sqrt(np.nan_to_num(np.abs(maps[index]) / scale))
+            shown = axis.imshow(maps[index], cmap="RdBu_r", vmin=-scale, vmax=scale, alpha=opacity)
+            axis.set_title(
+                f"{name}: true {classes[int(labels[index])]}, "
+                f"predicted {classes[occlusion.predicted]}\n"
+                f"p={occlusion.probabilities[occlusion.target]:.2f}, "
+                f"largest drop {float(occlusion.drops.max()):.2f}",
+                fontsize=7,
+            )
+        start += len(items)
+    for axis in axes.ravel():
+        axis.axis("off")
+    if shown is not None:
+        figure.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, label="probability drop")
+    first = occlusions[0]
+    figure.suptitle(
+        f"occlusion sensitivity of the predicted class (ONNX Runtime): patch {first.patch} px, "
+        f"stride {first.stride} px, fill {', '.join(map(str, first.fill))}",
+        fontsize=9,
+    )
+    save_figure(figure, path)
+
+
+def occlusion_section(
+    onnx_path: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    classes: list[str],
+    path: Path,
+) -> list[str]:
+    """Draws ``occlusion.png`` for a few test images; returns the Markdown that describes it."""
+    right, wrong = pick_explained(labels, predictions)
+    chosen = right + wrong
+    if not chosen:
+        return [OCCLUSION_SECTION, "", "No test images to explain.", ""]
+    fill = typical_fill(images)
+    occlusions = explain_with_onnx(onnx_path, images[chosen], fill)
+    plot_occlusion(images[chosen], labels[chosen], occlusions, len(right), classes, path)
+    height, width = images.shape[2:]
+    patch, stride = occlusions[0].patch, occlusions[0].stride
+    misclassified = int(np.sum(predictions != labels))
+    lines = [OCCLUSION_SECTION, ""]
+    lines += [
+        "A square patch slides over the image; at each position the exported model (ONNX "
+        "Runtime, no gradients) scores the occluded image, and the map shows how much the "
+        "softmax probability of the predicted class drops: red, the decision rests on what the "
+        "patch hid; white, the region did not matter; blue, hiding it made the class more "
+        "likely. Each pixel shows the mean drop of the patches that cover it. For a "
+        "misclassified image the map explains the wrong class: what the model mistook for it "
+        "(see docs/training.md).",
+        "",
+        f"- patch: {patch}x{patch} px",
+        f"- stride: {stride} px ({count_positions(height, width, patch, stride)} positions "
+        f"per {height}x{width} image, scored in batches)",
+        f"- fill: {', '.join(map(str, fill))} (the per-channel median pixel of the test split: "
+        "the background for white-on-black digits, a mid value for photos)",
+        "- score: softmax probability of the class predicted for the unoccluded image",
+        f"- images: {len(right)} correctly classified, {len(wrong)} of the {misclassified} "
+        "misclassified",
+        "",
+        "![occlusion sensitivity](occlusion.png)",
+        "",
+        "| test image | true | predicted | probability | largest drop |",
+        "|---:|---|---|---:|---:|",
+    ]
+    for index, occlusion in zip(chosen, occlusions, strict=True):
+        lines.append(
+            f"| {index} | {classes[int(labels[index])]} | {classes[occlusion.predicted]} | "
+            f"{occlusion.probabilities[occlusion.target]:.4f} | {occlusion.drops.max():.4f} |"
+        )
+    return [*lines, ""]
+
+
 def write_report(
     directory: Path,
     *,
@@ -129,8 +276,15 @@ def write_report(
     test_image: np.ndarray,
     test_label: int,
     summary: dict[str, Any],
+    onnx_path: Path,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
 ) -> Path:
-    """Writes the figures and ``index.md`` into ``directory``; returns the index path."""
+    """Writes the figures and ``index.md`` into ``directory``; returns the index path.
+
+    ``onnx_path`` is the exported model, ``test_images`` and ``test_labels`` the test split it
+    was evaluated on (``evaluation.predictions`` are its answers): the occlusion maps run there.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     network = classifier.convnet
     plot_curves(history, directory / "curves.png")
@@ -165,6 +319,14 @@ def write_report(
     lines += ["## What the network looks at", "", "First-layer filters:", ""]
     lines += ["![filters](filters.png)", "", "One test image after each block:", ""]
     lines += ["![feature maps](feature_maps.png)", ""]
+    lines += occlusion_section(
+        onnx_path,
+        test_images,
+        test_labels,
+        evaluation.predictions,
+        classes,
+        directory / "occlusion.png",
+    )
     lines += parameter_markdown(network)
     index = directory / "index.md"
     index.write_text("\n".join(lines) + "\n")
