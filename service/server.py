@@ -65,6 +65,9 @@ MAX_PENDING_CALLS = 10_000
 # After the last call taken is answered, late callers are refused (UNAVAILABLE, "shutting
 # down") until none has arrived for this long; only then does gRPC stop (see Admission.quiet).
 DRAIN_QUIET_S = 0.2
+# ... but no longer than this after the last call taken was answered: a client that polls (or
+# retries at once) through the drain must not hold the process until the grace ends.
+DRAIN_LINGER_MAX_S = 1.0
 # Test seam: wraps each model's batch runner (tests pass a gate they open themselves).
 WrapRun = Callable[[RunBatch], RunBatch]
 
@@ -312,7 +315,9 @@ class InferenceServer:
                 "grace period of %.1f s over: %d calls still unanswered are cancelled",
                 grace_s, self.admission.in_flight,
             )  # fmt: skip
-        await self.admission.quiet(DRAIN_QUIET_S, until=ends_at)
+        await self.admission.quiet(
+            DRAIN_QUIET_S, until=min(ends_at, loop.time() + DRAIN_LINGER_MAX_S)
+        )
         logger.info("drained: %d calls refused while draining", self.admission.refused)
         await self.health.close(timeout_s=max(0.0, min(1.0, ends_at - loop.time())))
         for server in (self._grpc, self._health_grpc):
