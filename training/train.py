@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +162,17 @@ def fit(
     return FitResult(history, int(best["epoch"]), float(best["val_accuracy"]), best["model"])
 
 
+def with_concrete_preset(config: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """`auto` replaced by the preset it stands for on this data (small for grayscale, deep for
+    RGB), so that the run gets that preset's epochs and its checkpoint and record name it."""
+    if config.preset != "auto":
+        return config
+    return replace(config, preset="small" if dataset.channels == 1 else "deep")
+
+
 def resolve_model_config(config: TrainConfig, dataset: Dataset) -> ModelConfig:
-    preset = config.preset
-    if preset == "auto":
-        preset = "small" if dataset.channels == 1 else "deep"
     return resolve_config(
-        preset,
+        with_concrete_preset(config, dataset).preset,
         **{
             **config.model_overrides,
             "in_channels": dataset.channels,
@@ -213,6 +218,7 @@ def main(config: TrainConfig, run_dir: Path | None = None) -> PublishedVersion:
     device = resolve_device(config.device)
     dataset = load_data(config.data)
     logger.info("data: %s", dataset.summary())
+    config = with_concrete_preset(config, dataset)
     model_config = resolve_model_config(config, dataset)
     mean, std = channel_stats(dataset.train.images)
     classifier = build_classifier(model_config, mean, std).to(device)

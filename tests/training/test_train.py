@@ -197,3 +197,23 @@ def test_device_choice() -> None:
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="unknown device 'tpu'; choose one of: auto, cpu, cuda"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize(("channels", "preset"), [(1, "small"), (3, "deep")])
+def test_auto_gets_the_epochs_of_the_preset_it_stands_for(channels: int, preset: str) -> None:
+    """An RGB `auto` run builds the deep network, so it trains for the deep preset's epochs
+    (it used to get the small preset's); given epochs still win."""
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.model_config import PRESETS
+    from training.train import with_concrete_preset
+
+    data = SimpleNamespace(channels=channels)
+    resolved = with_concrete_preset(TrainConfig(preset="auto"), data)  # type: ignore[arg-type]
+    assert resolved.preset == preset
+    assert resolved.resolved_epochs() == PRESETS[preset].epochs
+    assert PRESETS["deep"].epochs != PRESETS["small"].epochs  # else this test proves nothing
+    given = with_concrete_preset(TrainConfig(preset="auto", epochs=3), data)  # type: ignore[arg-type]
+    assert given.resolved_epochs() == 3
+    assert with_concrete_preset(TrainConfig(preset="small"), data).preset == "small"  # type: ignore[arg-type]

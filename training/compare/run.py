@@ -55,7 +55,13 @@ from training.model import ImageClassifier, build_classifier, count_parameters
 from training.onnx_eval import Evaluation, onnx_logits, onnx_session, score
 from training.publish import PublishedVersion, export_checked, publish_classifier
 from training.repository import check_model_name
-from training.train import FitResult, fit, resolve_model_config, training_record
+from training.train import (
+    FitResult,
+    fit,
+    resolve_model_config,
+    training_record,
+    with_concrete_preset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +261,7 @@ def run_comparison(
     device = resolve_device(config.device)
     dataset = load_data(config.data)
     logger.info("data: %s", dataset.summary())
+    config = with_concrete_preset(config, dataset)
     model_config = resolve_model_config(config, dataset)
     mean, std = channel_stats(dataset.train.images)
     with tempfile.TemporaryDirectory(prefix="convserve-compare-") as scratch_name:
