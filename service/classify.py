@@ -17,7 +17,7 @@ import numpy as np
 
 from service.errors import InvalidInput
 from service.images import DEFAULT_IMAGE_FORMATS, decode_image
-from service.results import ScoredClass
+from service.results import ScoredClass, top_k
 
 if TYPE_CHECKING:
     from service.models import LoadedModel
@@ -30,15 +30,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[list[ScoredClass]]:
-    """The k best classes of each row, highest first (ties: lower index first)."""
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return [
-        [ScoredClass(labels[i], int(i), float(probabilities[row, i])) for i in order[row]]
-        for row in range(probabilities.shape[0])
-    ]
 
 
 class Classifier:

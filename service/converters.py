@@ -19,7 +19,7 @@ from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
 from service.errors import InvalidInput, client_text
 from service.repository import ModelSpec
-from service.results import ScoredClass
+from service.results import ScoredClass, top_k
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -250,12 +250,10 @@ def deserialize_bytes(raw: bytes) -> list[bytes]:
 
 def classification_strings(values: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
     """Top-k of each row as `score:index:label`, best first, row-major ([N, k] flattened)."""
-    k = min(k, values.shape[1])
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
     return [
-        f"{values[row, index]:f}:{index}:{labels[index]}".encode()
-        for row in range(values.shape[0])
-        for index in order[row]
+        f"{scored.score:f}:{scored.index}:{scored.label}".encode()
+        for row in top_k(values, k, labels)
+        for scored in row
     ]
 
 
