@@ -200,5 +200,7 @@ def test_a_flood_of_expired_calls_is_dropped_before_any_work(fault_server: Fault
     )
     assert alone.codes() == {"OK": 800}
     assert set(beside.codes()) <= {"OK", "CANCELLED"}  # CANCELLED: gRPC core's full queue
-    assert expired > 0  # expired calls did reach handlers, and were dropped there
+    # How many expired calls reach a handler (rather than dying in gRPC's queue) depends on the
+    # machine; that each is dropped before any work is shown, in order, by the service tests
+    # (test_a_call_already_expired_on_arrival_is_refused_before_any_work).
     assert server.rss_mb() < 1024  # gRPC core's queue of pending calls is bounded
