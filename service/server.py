@@ -67,7 +67,7 @@ MAX_PENDING_CALLS = 10_000
 DRAIN_QUIET_S = 0.2
 # ... but no longer than this after the last call taken was answered: a client that polls (or
 # retries at once) through the drain must not hold the process until the grace ends.
-DRAIN_LINGER_MAX_S = 1.0
+DRAIN_LINGER_MAX_S = 5.0
 # Test seam: wraps each model's batch runner (tests pass a gate they open themselves).
 WrapRun = Callable[[RunBatch], RunBatch]
 
