@@ -203,6 +203,30 @@ def training_record(
     }
 
 
+@dataclass
+class PreparedRun:
+    """What every training run starts from: its settings (`auto` resolved), device, data and
+    the network's configuration with the training split's channel statistics."""
+
+    config: TrainConfig
+    device: torch.device
+    dataset: Dataset
+    model_config: ModelConfig
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_run(config: TrainConfig) -> PreparedRun:
+    """Seeds everything, picks the device, loads the data and resolves the network."""
+    make_deterministic(config.seed)
+    device = resolve_device(config.device)
+    dataset = load_data(config.data)
+    logger.info("data: %s", dataset.summary())
+    config = with_concrete_preset(config, dataset)
+    mean, std = channel_stats(dataset.train.images)
+    return PreparedRun(config, device, dataset, resolve_model_config(config, dataset), mean, std)
+
+
 def main(config: TrainConfig, run_dir: Path | None = None) -> PublishedVersion:
     """Trains, exports and publishes one new version; returns where it went.
 
@@ -214,14 +238,9 @@ def main(config: TrainConfig, run_dir: Path | None = None) -> PublishedVersion:
     if config.resume:
         resume_state = ckpt.load_checkpoint(Path(config.resume))
         config = resumed_config(TrainConfig.from_dict(resume_state["config"]), config)
-    make_deterministic(config.seed)
-    device = resolve_device(config.device)
-    dataset = load_data(config.data)
-    logger.info("data: %s", dataset.summary())
-    config = with_concrete_preset(config, dataset)
-    model_config = resolve_model_config(config, dataset)
-    mean, std = channel_stats(dataset.train.images)
-    classifier = build_classifier(model_config, mean, std).to(device)
+    run = prepare_run(config)
+    config, device, dataset, model_config = run.config, run.device, run.dataset, run.model_config
+    classifier = build_classifier(model_config, run.mean, run.std).to(device)
     logger.info("model: %s on %s", model_config, device)
     if run_dir is None:
         run_dir = ckpt.run_directory(Path(config.checkpoint_dir), config.model_name)

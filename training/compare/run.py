@@ -49,19 +49,13 @@ from training.compare.shift import (
     shift_images,
 )
 from training.config import TrainConfig
-from training.data import Dataset, channel_stats, load_data
-from training.engine import make_deterministic, resolve_device
+from training.data import Dataset
+from training.engine import make_deterministic
 from training.model import ImageClassifier, build_classifier, count_parameters
 from training.onnx_eval import Evaluation, onnx_logits, onnx_session, score
 from training.publish import PublishedVersion, export_checked, publish_classifier
 from training.repository import check_model_name
-from training.train import (
-    FitResult,
-    fit,
-    resolve_model_config,
-    training_record,
-    with_concrete_preset,
-)
+from training.train import FitResult, fit, prepare_run, training_record
 
 logger = logging.getLogger(__name__)
 
@@ -257,13 +251,9 @@ def run_comparison(
     check_dense_layers(dense_layers)
     if out is None:
         check_model_name(config.model_name)
-    make_deterministic(config.seed)
-    device = resolve_device(config.device)
-    dataset = load_data(config.data)
-    logger.info("data: %s", dataset.summary())
-    config = with_concrete_preset(config, dataset)
-    model_config = resolve_model_config(config, dataset)
-    mean, std = channel_stats(dataset.train.images)
+    run = prepare_run(config)
+    config, device, dataset, model_config = run.config, run.device, run.dataset, run.model_config
+    mean, std = run.mean, run.std
     with tempfile.TemporaryDirectory(prefix="convserve-compare-") as scratch_name:
         scratch = Path(scratch_name)
         cnn = train_contender(
