@@ -54,7 +54,7 @@ class BatchObserver(Protocol):
     def queue_depth(self, items: int) -> None: ...
     def rejected(self) -> None: ...
     def batch_started(self, size: int, waits_s: Sequence[float]) -> None: ...
-    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None: ...
+    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None: ...
 
 
 class _NullObserver:
@@ -67,7 +67,7 @@ class _NullObserver:
     def batch_started(self, size: int, waits_s: Sequence[float]) -> None:
         pass
 
-    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
+    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None:
         pass
 
 
@@ -265,7 +265,7 @@ class Batcher:
                     pending.future.set_result(outputs[offset : offset + count])
                 offset += count
         finally:
-            self._observer.batch_finished(size, self._now(loop) - started, ok)
+            self._observer.batch_finished(size, self._now(loop) - started, ok, len(batch))
             self.stats.batches += 1
             self.stats.items += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)

@@ -282,12 +282,15 @@ def encode_infer_response(
     return response
 
 
-def model_metadata(spec: ModelSpec) -> pb2.ModelMetadataResponse:
-    """KServe model metadata: versions, platform, input and output tensors."""
+def model_metadata(
+    spec: ModelSpec, versions: Sequence[str] | None = None
+) -> pb2.ModelMetadataResponse:
+    """KServe model metadata: the ready versions (default: the spec's), platform, input and
+    output tensors (of the version asked for, else the newest)."""
     tensor = pb2.ModelMetadataResponse.TensorMetadata
     return pb2.ModelMetadataResponse(
         name=spec.name,
-        versions=[str(spec.version)],
+        versions=list(versions) if versions is not None else [str(spec.version)],
         platform=PLATFORM,
         inputs=[
             tensor(name=spec.preprocessing.input_name, datatype="UINT8", shape=input_shape(spec))

@@ -25,6 +25,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from service.statistics import VersionStatistics
+
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (
@@ -39,6 +41,9 @@ OK = "OK"
 REFUSAL_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED")
 # Why a call was refused with UNAUTHENTICATED (service/auth.py).
 AUTH_FAILURES = ("missing", "invalid")
+# Model lifecycle events (convserve_model_lifecycle_events_total) and their outcomes.
+LIFECYCLE_EVENTS = ("load", "unload")
+OUTCOMES = ("ok", "failed")
 
 
 class Metrics:
@@ -148,6 +153,48 @@ class Metrics:
         for rpc in INFERENCE_RPCS:
             for reason in AUTH_FAILURES:
                 self.unauthenticated.labels(rpc, reason)
+        self.versions_ready_gauge = Gauge(
+            "convserve_model_versions_ready",
+            "Versions of the model ready to serve now (the version policy decides how many).",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.lifecycle_events = Counter(
+            "convserve_model_lifecycle_events_total",
+            "Model version loads and unloads, by outcome (a failed load leaves the versions "
+            "serving as they were).",
+            ["model", "event", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.repository_polls = Counter(
+            "convserve_repository_polls_total",
+            "Scans of the model repository (model control mode poll), by outcome.",
+            ["outcome"], registry=registry,
+        )  # fmt: skip
+        for outcome in OUTCOMES:
+            self.repository_polls.labels(outcome)
+
+    # The model manager's LifecycleObserver.
+    def version_loaded(self, model: str, version: int | None, ok: bool) -> None:
+        self._lifecycle_children(model)
+        self.lifecycle_events.labels(model, "load", "ok" if ok else "failed").inc()
+        if not ok:  # a failed version shows in convserve_model_ready as 0
+            self.model_ready.labels(model, "none" if version is None else str(version)).set(0)
+
+    def version_unloaded(self, model: str) -> None:
+        self._lifecycle_children(model)
+        self.lifecycle_events.labels(model, "unload", "ok").inc()
+
+    def versions_ready(self, model: str, count: int) -> None:
+        self.versions_ready_gauge.labels(model).set(count)
+
+    def repository_polled(self, ok: bool) -> None:
+        self.repository_polls.labels("ok" if ok else "failed").inc()
+
+    def _lifecycle_children(self, model: str) -> None:
+        """Every event/outcome series of a model at 0 once it is first seen (an alert on
+        increase() needs the series before the first failure)."""
+        for event in LIFECYCLE_EVENTS:
+            for outcome in OUTCOMES:
+                self.lifecycle_events.labels(model, event, outcome)
 
     def for_model(self, name: str, version: int | str) -> ModelMetrics:
         """The per-model view (creates the model's series at their zero values)."""
@@ -213,6 +260,7 @@ class ModelMetrics:
         self.in_flight = metrics.in_flight.labels(*labels)
         self.image_decode = metrics.image_decode.labels(*labels)
         self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.statistics = VersionStatistics()
         for rpc in INFERENCE_RPCS:
             for code in (OK, *REFUSAL_CODES):
                 self._children(rpc, code)
@@ -235,6 +283,7 @@ class ModelMetrics:
         counter, latency = self._children(rpc, code)
         counter.inc()
         latency.observe(latency_s)
+        self.statistics.answered(code == OK, latency_s)
 
     def queue_depth(self, items: int) -> None:
         self._queue_depth.set(items)
@@ -246,11 +295,13 @@ class ModelMetrics:
         for wait in waits_s:
             self._queue_wait.observe(wait)
         self._batch_size.observe(size)
+        self.statistics.queued(waits_s)
 
-    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
+    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None:
         self._batch_compute.observe(compute_s)
         if ok:
             self._images.inc(size)
+        self.statistics.batch_finished(size, compute_s, ok, requests)
 
     def set_queue_capacity(self, items: int) -> None:
         self._m.queue_capacity.labels(self.name, self.version).set(items)

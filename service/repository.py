@@ -1,10 +1,12 @@
 """The model repository on disk (docs/model-repository.md) and the spec each model carries.
 
-`ModelRepository.scan()` lists the models and picks the version to serve (the latest, or a
-pinned one); `spec_from_metadata()` turns a model's `convserve.*` metadata into a `ModelSpec`:
-its labels and how an image becomes its input. Nothing here loads a session.
+`ModelRepository.scan()` lists the models, each with every numbered version directory (complete
+or not, with a fingerprint of its files) and its config.json; which versions are served is the
+model manager's choice (service/policy.py). `spec_from_metadata()` turns a model's `convserve.*`
+metadata into a `ModelSpec`: its labels and how an image becomes its input. Nothing here loads a
+session.
 
-A model directory, or the served version's directory or files, that resolves outside the
+A model directory, a version's directory or files, or config.json, that resolves outside the
 repository (a symlink out of it) is refused: the model fails to load with a message naming the
 path and where it leads, and the other models serve. Whoever can write into the repository can
 still choose what is served; this only keeps the server from reading files elsewhere.
@@ -12,7 +14,6 @@ still choose what is served; this only keeps the server from reading files elsew
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigurationError, ModelLoadError
+from service.policy import CONFIG_FILE, ModelConfig, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -67,94 +69,144 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class VersionDir:
+    """One numbered directory of a model as scanned.
+
+    `complete`: it holds a model.onnx (what the publishing rule guarantees once the directory
+    has its name). `fingerprint`: the name, size and modification time of each file the server
+    reads from it, so that a version whose files change while it loads, or after it failed,
+    is noticed. `problem`: why it can never be served (a symlink out of the repository)."""
+
+    number: int
+    path: Path
+    complete: bool
+    fingerprint: tuple[tuple[str, int, int], ...] = ()
+    problem: str = ""
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """One model directory as scanned: its versions (directories with a model.onnx), the
-    version directories without one (`incomplete`: a copy under way, a mistake), and the
-    version chosen to serve (None: none fits)."""
+    """One model directory as scanned: every numbered version directory, its config.json, and
+    `problem` when the model cannot be served at all (a symlink out of the repository, a bad
+    config.json)."""
 
     name: str
     directory: Path
-    versions: tuple[int, ...]
-    version: int | None
+    version_dirs: tuple[VersionDir, ...] = ()
+    config: ModelConfig = field(default_factory=ModelConfig)
     problem: str = ""
-    incomplete: tuple[int, ...] = ()
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The complete versions (with a model.onnx), ascending."""
+        return tuple(v.number for v in self.version_dirs if v.complete)
+
+    @property
+    def incomplete(self) -> tuple[int, ...]:
+        """Version directories without a model.onnx (a copy under way, a mistake)."""
+        return tuple(v.number for v in self.version_dirs if not v.complete)
+
+    @property
+    def version(self) -> int | None:
+        """The latest complete version (None: there is none)."""
+        return self.versions[-1] if self.versions else None
 
     @property
     def model_path(self) -> Path:
         return self.directory / str(self.version) / MODEL_FILE
 
+    def version_dir(self, number: int) -> VersionDir | None:
+        return next((v for v in self.version_dirs if v.number == number), None)
+
     def describe_versions(self) -> str:
         """Every version directory found, e.g. `1, 2 (2 without model.onnx)`, or `none`."""
-        found = ", ".join(map(str, sorted(self.versions + self.incomplete))) or "none"
+        found = ", ".join(str(v.number) for v in self.version_dirs) or "none"
         if not self.incomplete:
             return found
         return f"{found} ({', '.join(map(str, self.incomplete))} without {MODEL_FILE})"
 
 
 class ModelRepository:
-    """Reads `<root>/<model>/<version>/model.onnx`, ignoring anything that is not a version."""
+    """Reads `<root>/<model>/<version>/model.onnx` (and `<root>/<model>/config.json`),
+    ignoring anything that is neither. Scanning only reads directories; nothing is loaded."""
 
-    def __init__(self, root: Path, pinned_versions: Mapping[str, int] | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.pinned_versions = dict(pinned_versions or {})
 
     def scan(self) -> list[ModelEntry]:
         """The models in the repository, sorted by name. Raises when the root is unusable."""
-        if not self.root.is_dir():
-            raise ConfigurationError(f"model repository {self.root} is not a directory")
-        root = self.root.resolve()
+        root = self._resolved_root()
         entries = [
             self._entry(child, root)
             for child in sorted(self.root.iterdir())
-            if child.is_dir() and MODEL_NAME.match(child.name) and not child.name.startswith(".")
+            if child.is_dir() and valid_model_name(child.name)
         ]
-        entries = [
-            entry
-            for entry in entries
-            if entry.versions or entry.problem or entry.name in self.pinned_versions
-        ]
-        unknown = sorted(set(self.pinned_versions) - {entry.name for entry in entries})
-        if unknown:
-            logger.warning("pinned models not in %s: %s", self.root, ", ".join(unknown))
-        return entries
+        return [entry for entry in entries if entry.version_dirs or entry.problem]
+
+    def scan_model(self, name: str) -> ModelEntry | None:
+        """One model's entry; None when the repository has no such model directory."""
+        root = self._resolved_root()
+        directory = self.root / name
+        if not valid_model_name(name) or not directory.is_dir():
+            return None
+        return self._entry(directory, root)
+
+    def _resolved_root(self) -> Path:
+        if not self.root.is_dir():
+            raise ConfigurationError(f"model repository {self.root} is not a directory")
+        return self.root.resolve()
 
     def _entry(self, directory: Path, root: Path) -> ModelEntry:
         escape = outside_problem(directory, root, "model directory")
         if escape:  # its versions are not even listed: they are outside too
-            return ModelEntry(directory.name, directory, (), None, problem=escape)
-        entry = self._versions(directory)
-        if entry.problem or entry.version is None:
-            return entry
-        version_dir = directory / str(entry.version)
-        for path, what in (
-            (version_dir, "version directory"),
-            *((version_dir / name, "model file") for name in VERSION_FILES),
-        ):
-            escape = outside_problem(path, root, what)
-            if escape:
-                return dataclasses.replace(entry, problem=escape)
-        return entry
-
-    def _versions(self, directory: Path) -> ModelEntry:
-        numbered = [
-            child
-            for child in directory.iterdir()
-            if VERSION_NAME.fullmatch(child.name) and int(child.name) > 0 and child.is_dir()
-        ]
-        versions = tuple(sorted(int(c.name) for c in numbered if (c / MODEL_FILE).is_file()))
-        incomplete = tuple(sorted({int(c.name) for c in numbered} - set(versions)))
-        pinned = self.pinned_versions.get(directory.name)
-        if pinned is None:
-            latest = versions[-1] if versions else None
-            return ModelEntry(directory.name, directory, versions, latest, incomplete=incomplete)
-        entry = ModelEntry(directory.name, directory, versions, pinned, incomplete=incomplete)
-        if pinned not in versions:
-            problem = (
-                f"pinned version {pinned} is not in the repository "
-                f"(versions: {entry.describe_versions()})"
+            return ModelEntry(directory.name, directory, problem=escape)
+        version_dirs = tuple(
+            sorted(
+                (
+                    _version_dir(child, root)
+                    for child in directory.iterdir()
+                    if VERSION_NAME.fullmatch(child.name) and int(child.name) > 0 and child.is_dir()
+                ),
+                key=lambda v: v.number,
             )
-            return dataclasses.replace(entry, problem=problem)
-        return entry
+        )
+        escape = outside_problem(directory / CONFIG_FILE, root, "model config")
+        if escape:
+            return ModelEntry(directory.name, directory, version_dirs, problem=escape)
+        try:
+            config = read_model_config(directory)
+        except ModelLoadError as error:
+            return ModelEntry(directory.name, directory, version_dirs, problem=str(error))
+        return ModelEntry(directory.name, directory, version_dirs, config)
+
+
+def valid_model_name(name: str) -> bool:
+    """A directory name the server takes for a model (hidden directories are not models)."""
+    return bool(MODEL_NAME.match(name)) and not name.startswith((".", "-"))
+
+
+def _version_dir(path: Path, root: Path) -> VersionDir:
+    number = int(path.name)
+    for item, what in (
+        (path, "version directory"),
+        *((path / name, "model file") for name in VERSION_FILES),
+    ):
+        escape = outside_problem(item, root, what)
+        if escape:
+            return VersionDir(number, path, complete=False, problem=escape)
+    fingerprint = []
+    for name in VERSION_FILES:
+        try:
+            stat = (path / name).stat()
+        except OSError:
+            continue
+        fingerprint.append((name, stat.st_size, stat.st_mtime_ns))
+    complete = (path / MODEL_FILE).is_file()
+    return VersionDir(number, path, complete, tuple(fingerprint))
 
 
 def outside_problem(path: Path, root: Path, what: str) -> str:

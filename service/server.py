@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +45,8 @@ from service.health import SERVICE_NAME as HEALTH_SERVICE
 from service.health import HealthService
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelManager
-from service.repository import ModelEntry, ModelRepository
+from service.policy import Batching, ControlMode
+from service.repository import ModelRepository, VersionDir
 from service.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
 from service.servicers import ClassificationServicer, InferenceServicer, UnknownInferenceMethods
 from service.settings import Settings, settings_from
@@ -93,7 +96,7 @@ class InferenceServer:
         self.admission = Admission()
         self._wrap_run = wrap_run
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
-        self.repository = ModelRepository(settings.model_repository, settings.model_versions)
+        self.repository = ModelRepository(settings.model_repository)
         self.health = HealthService(SERVICE_NAMES)
         self.models: ModelManager | None = None
         self.grpc_port = 0
@@ -111,18 +114,26 @@ class InferenceServer:
         self._grpc: grpc.aio.Server | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
+        self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Scans the repository, opens the gRPC and metrics ports; models are not loaded yet."""
         s = self.settings
-        self.models = ModelManager(
-            self.repository.scan(),
-            self._load_model,
-            default_model=s.default_model,
-            on_failure=self._model_failed,
-        )
-        if not self.models.records:
+        entries = self.repository.scan()
+        if not entries and s.model_control_mode == "none":
             logger.warning("no models in %s: the server will never be ready", s.model_repository)
+        self.models = ModelManager(
+            self.repository,
+            self._load_version,
+            policy=s.policy,
+            pinned=s.model_versions,
+            batching=s.batching,
+            mode=typing.cast(ControlMode, s.model_control_mode),
+            default_model=s.default_model,
+            observer=self.metrics,
+            on_change=self._publish_readiness,
+        )
+        self.models.discover(entries, s.load_models)
         self._decode_executor = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
         classifier = Classifier(
             self._decode_executor,
@@ -236,59 +247,80 @@ class InferenceServer:
             raise ConfigurationError(f"cannot listen on {address} (health): {error}") from None
         return server
 
-    async def _load_model(self, entry: ModelEntry) -> LoadedModel:
+    async def _load_version(
+        self, name: str, version_dir: VersionDir, batching: Batching
+    ) -> LoadedModel:
+        """The model manager's loader: session, warm-up at every batch size, batcher."""
         s = self.settings
-        assert entry.version is not None
+        number = version_dir.number
         started = time.perf_counter()
+        options = dataclasses.replace(
+            self._runtime_options, executor_threads=batching.max_concurrent_batches
+        )
         runtime = await asyncio.to_thread(
-            OnnxModel.load, entry.name, entry.version, entry.model_path, self._runtime_options
+            OnnxModel.load, name, number, version_dir.model_path, options
         )
         try:
-            await asyncio.to_thread(runtime.warm_up, warm_up_batch_sizes(s.max_batch_size))
+            await asyncio.to_thread(runtime.warm_up, warm_up_batch_sizes(batching.max_batch_size))
         except Exception:
             runtime.close()
             raise
-        metrics = self.metrics.for_model(entry.name, entry.version)
+        metrics = self.metrics.for_model(name, number)
         run = runtime.run if self._wrap_run is None else self._wrap_run(runtime.run)
         batcher = Batcher(
             run,
-            max_batch_size=s.max_batch_size,
-            max_queue_delay_s=s.max_queue_delay_s,
-            queue_capacity=s.queue_capacity,
-            max_concurrent_batches=s.max_concurrent_batches,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_s,
+            queue_capacity=batching.queue_capacity,
+            max_concurrent_batches=batching.max_concurrent_batches,
             observer=metrics,
-            name=entry.name,
+            name=name,
         )
         batcher.start()
         load_s = time.perf_counter() - started
-        metrics.set_queue_capacity(s.queue_capacity)
+        metrics.set_queue_capacity(batching.queue_capacity)
         metrics.loaded(load_s, runtime.provider, s.providers, runtime.fallback)
-        metrics.set_ready(True)
         logger.info(
-            "model %s version %s ready in %.2f s on %s (%d labels, input %s)",
-            entry.name, entry.version, load_s, runtime.provider, len(runtime.spec.labels),
+            "model %s version %s loaded in %.2f s on %s (%d labels, input %s)",
+            name, number, load_s, runtime.provider, len(runtime.spec.labels),
             runtime.spec.input_shape,
         )  # fmt: skip
-        return LoadedModel(runtime.spec, runtime, batcher, metrics)
-
-    def _model_failed(self, entry: ModelEntry, reason: str) -> None:
-        version = entry.version if entry.version is not None else "none"
-        self.metrics.for_model(entry.name, version).set_ready(False)
+        return LoadedModel(runtime.spec, runtime, batcher, metrics, batching)
 
     async def load_models(self) -> None:
-        """Loads and warms every model, then publishes readiness and writes the port file."""
+        """Loads and warms the models (all, or --load-model's in explicit mode), publishes
+        readiness, writes the port file, then polls the repository (mode poll)."""
         assert self.models is not None
-        await self.models.load_all()
+        s = self.settings
+        await self.models.start(s.load_models)
         await self._publish_readiness()
-        if self.settings.port_file is not None:
-            write_port_file(
-                self.settings.port_file, self.grpc_port, self.metrics_port, self.health_port
-            )
-        logger.info("startup finished: %s", "READY" if self.ready() else "NOT READY")
+        if s.port_file is not None:
+            write_port_file(s.port_file, self.grpc_port, self.metrics_port, self.health_port)
+        logger.info(
+            "startup finished: %s; model control mode %s%s",
+            "READY" if self.ready() else "NOT READY", s.model_control_mode,
+            f", polling every {s.repository_poll_s:g} s" if s.model_control_mode == "poll" else "",
+        )  # fmt: skip
+        if s.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll_repository(), name="repository-poll")
+
+    async def _poll_repository(self) -> None:
+        """Rescans the repository every repository_poll_s (mode poll) until the server stops.
+        A failed scan is logged and counted; the versions serving go on serving."""
+        assert self.models is not None
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.models.sync()
+            except Exception as error:
+                self.metrics.repository_polled(ok=False)
+                logger.error("polling the model repository failed: %s", error, exc_info=True)
+            else:
+                self.metrics.repository_polled(ok=True)
 
     def ready(self) -> bool:
         """Server readiness (ServerReady, health, convserve_server_ready)."""
-        if self.admission.draining or self.models is None or self.models.loading():
+        if self.admission.draining or self.models is None or self.models.starting:
             return False
         if self.settings.strict_readiness:
             return self.models.all_ready()
@@ -308,6 +340,10 @@ class InferenceServer:
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
         ends_at = loop.time() + grace_s
         self.admission.begin_drain()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
         self.metrics.server_ready.set(0)
         await self.health.set_serving(False)
         if not await self.admission.drained(grace_s):
@@ -324,10 +360,8 @@ class InferenceServer:
             if server is not None:
                 # Only refusals and health calls can still be running: they end at once.
                 await server.stop(max(0.0, ends_at - loop.time()))
-        for model in self.models.loaded_models() if self.models else []:
-            await model.batcher.close()
-            await asyncio.to_thread(model.runtime.close)
-            model.metrics.set_ready(False)
+        if self.models is not None:
+            await self.models.close()
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_http is not None:

@@ -8,21 +8,22 @@ status codes by `service.status.Call`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
 import grpc
 
-from service import converters
+from service import converters, model_messages
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.admission import Admission
 from service.classify import Classifier
-from service.errors import NotImplementedRpc, client_text
+from service.errors import InvalidInput, ModelNotReady, NotImplementedRpc, client_text
 from service.metrics import Metrics
-from service.models import ModelManager
+from service.models import LoadedModel, ModelManager
 from service.status import Call
 
 SERVER_NAME = "convserve"
@@ -30,7 +31,12 @@ EXTENSIONS = ("classification",)
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 IMPLEMENTED = (
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+    "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+    "RepositoryModelUnload",
 )  # fmt: skip
+# RepositoryModelUnload parameters Triton clients send; convserve has no ensembles, so
+# unloading dependents is a no-op.
+UNLOAD_PARAMETERS = ("unload_dependents",)
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -81,22 +87,63 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb2.ModelMetadataRequest, context: Context) -> Any:
         async with Call("ModelMetadata", context, admission=self._admission):
             model = self._models.resolve(request.name, request.version)
-            return converters.model_metadata(model.spec)
+            ready = [str(v.spec.version) for v in self._models.ready_versions(model.spec.name)]
+            return converters.model_metadata(model.spec, ready)
 
     async def ModelInfer(self, request: pb2.ModelInferRequest, context: Context) -> Any:
         async with Call("ModelInfer", context, self._metrics, self._admission) as call:
-            model = self._models.resolve(request.model_name, request.model_version)
-            call.bind(model.metrics)
-            checked = converters.checked_input(request, model.spec)
-            outputs = converters.requested_outputs(request, model.spec, self._max_top_k)
-            model.batcher.check_room(checked.shape[0])  # refuse before converting anything
-            if checked.costly:  # a long pass over typed contents: keep the loop free
-                images = await asyncio.to_thread(checked.convert)
+            # The lease keeps the version from being unloaded until it has answered.
+            with self._models.lease(request.model_name, request.model_version) as model:
+                call.bind(model.metrics)
+                return await self._infer(request, model, call)
+
+    async def _infer(self, request: pb2.ModelInferRequest, model: LoadedModel, call: Call) -> Any:
+        statistics = model.metrics.statistics
+        started = time.perf_counter()
+        checked = converters.checked_input(request, model.spec)
+        outputs = converters.requested_outputs(request, model.spec, self._max_top_k)
+        model.batcher.check_room(checked.shape[0])  # refuse before converting anything
+        if checked.costly:  # a long pass over typed contents: keep the loop free
+            images = await asyncio.to_thread(checked.convert)
+        else:
+            images = checked.convert()
+        statistics.compute_input.add(time.perf_counter() - started)
+        deadline = call.deadline(converters.request_timeout_s(request))
+        values = await model.batcher.infer(images, deadline)
+        computed = time.perf_counter()
+        response = converters.encode_infer_response(request, model.spec, outputs, values)
+        statistics.compute_output.add(time.perf_counter() - computed)
+        return response
+
+    async def ModelConfig(self, request: pb2.ModelConfigRequest, context: Context) -> Any:
+        async with Call("ModelConfig", context, admission=self._admission):
+            model = self._models.resolve(request.name, request.version)
+            policy = self._models.record(model.spec.name).policy
+            return pb2.ModelConfigResponse(config=model_messages.model_config(model, policy))
+
+    async def ModelStatistics(self, request: pb2.ModelStatisticsRequest, context: Context) -> Any:
+        async with Call("ModelStatistics", context, admission=self._admission):
+            if request.name:
+                if request.version:
+                    models = [self._models.resolve(request.name, request.version)]
+                else:
+                    models = self._models.ready_versions(self._models.record(request.name).name)
+            elif request.version:
+                raise InvalidInput("a version needs a model name")
             else:
-                images = checked.convert()
-            deadline = call.deadline(converters.request_timeout_s(request))
-            values = await model.batcher.infer(images, deadline)
-            return converters.encode_infer_response(request, model.spec, outputs, values)
+                models = [
+                    model
+                    for name in self._models.loaded_names()
+                    for model in self._models.ready_versions(name)
+                ]
+            return pb2.ModelStatisticsResponse(
+                model_stats=[
+                    model_messages.model_statistics(
+                        m.spec.name, m.spec.version, m.metrics.statistics
+                    )
+                    for m in models
+                ]
+            )
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Context
@@ -105,17 +152,54 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             raise _unimplemented("ModelStreamInfer")
         yield  # an async generator: the shape gRPC expects of a streaming handler
 
-    async def RepositoryIndex(self, request: Any, context: Context) -> Any:
-        async with Call("RepositoryIndex", context):
-            raise _unimplemented("RepositoryIndex")
+    async def RepositoryIndex(self, request: pb2.RepositoryIndexRequest, context: Context) -> Any:
+        async with Call("RepositoryIndex", context, admission=self._admission):
+            rows = await self._models.index(ready_only=request.ready)
+            return model_messages.repository_index(rows)
 
-    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
-        async with Call("RepositoryModelLoad", context):
-            raise _unimplemented("RepositoryModelLoad")
+    async def RepositoryModelLoad(
+        self, request: pb2.RepositoryModelLoadRequest, context: Context
+    ) -> Any:
+        async with Call("RepositoryModelLoad", context, admission=self._admission):
+            self._check_explicit("load")
+            if request.parameters:
+                raise InvalidInput(
+                    f"unsupported load parameter {client_text(sorted(request.parameters)[0])}; "
+                    "RepositoryModelLoad takes no parameters here (the model's config.json "
+                    "configures it)"
+                )
+            await self._models.load(_model_name(request.model_name))
+            return pb2.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
-        async with Call("RepositoryModelUnload", context):
-            raise _unimplemented("RepositoryModelUnload")
+    async def RepositoryModelUnload(
+        self, request: pb2.RepositoryModelUnloadRequest, context: Context
+    ) -> Any:
+        async with Call("RepositoryModelUnload", context, admission=self._admission):
+            self._check_explicit("unload")
+            unknown = sorted(set(request.parameters) - set(UNLOAD_PARAMETERS))
+            if unknown:
+                raise InvalidInput(
+                    f"unsupported unload parameter {client_text(unknown[0])}; supported: "
+                    f"{', '.join(UNLOAD_PARAMETERS)}"
+                )
+            await self._models.unload(_model_name(request.model_name))
+            return pb2.RepositoryModelUnloadResponse()
+
+    def _check_explicit(self, what: str) -> None:
+        """Triton's answer outside model control mode explicit: UNAVAILABLE."""
+        mode = self._models.mode
+        if mode != "explicit":
+            raise ModelNotReady(
+                f"explicit model {what} is not allowed in model control mode {mode}"
+                + (": the server polls the repository" if mode == "poll" else "")
+                + "; start the server with --model-control-mode explicit"
+            )
+
+
+def _model_name(name: str) -> str:
+    if not name:
+        raise InvalidInput("model_name is empty; name the model to load or unload")
+    return name
 
 
 class UnknownInferenceMethods(grpc.GenericRpcHandler):
@@ -153,9 +237,9 @@ class ClassificationServicer(cls_grpc.ImageClassificationServicer):
 
     async def Classify(self, request: cls_pb2.ClassifyRequest, context: Context) -> Any:
         async with Call("Classify", context, self._metrics, self._admission) as call:
-            model = self._models.resolve(request.model_name, request.model_version)
-            call.bind(model.metrics)
-            results = await self._classifier.classify(
-                model, request.images, request.top_k, call.deadline()
-            )
-            return converters.classify_response(model.spec, results)
+            with self._models.lease(request.model_name, request.model_version) as model:
+                call.bind(model.metrics)
+                results = await self._classifier.classify(
+                    model, request.images, request.top_k, call.deadline()
+                )
+                return converters.classify_response(model.spec, results)

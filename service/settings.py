@@ -20,6 +20,7 @@ from typing import Any
 
 from service.errors import ConfigurationError
 from service.images import DEFAULT_IMAGE_FORMATS, readable_formats
+from service.policy import CONTROL_MODES, Batching, VersionPolicy
 
 ENV_PREFIX = "CONVSERVE_"
 # CONVSERVE_* variables that are not server settings, so the server lets them be: the client's
@@ -125,9 +126,39 @@ class Settings:
     model_versions: dict[str, int] = field(
         default_factory=dict,
         metadata=_doc(
-            "pin a model to a version instead of its latest: NAME=VERSION (flag repeatable; "
-            "the variable takes a comma-separated list)",
+            "pin a model to one version (its version policy becomes `specific VERSION`; a "
+            "config.json policy still wins): NAME=VERSION (flag repeatable; the variable takes "
+            "a comma-separated list)",
             flag="--model-version",
+        ),
+    )
+    model_control_mode: str = field(
+        default="poll",
+        metadata=_doc(
+            "how models come and go (Triton's modes): none = load at start only; poll = rescan "
+            "the repository every --repository-poll-s and load/unload versions; explicit = "
+            "only through RepositoryModelLoad/Unload (and --load-model at start)",
+            choices=CONTROL_MODES,
+        ),
+    )
+    repository_poll_s: float = field(
+        default=5.0,
+        metadata=_doc("seconds between two scans of the repository (model control mode poll)"),
+    )
+    version_policy: str = field(
+        default="latest 1",
+        metadata=_doc(
+            "versions served per model: `latest N`, `all` or `specific V,V` (Triton's "
+            "version_policy; a model's config.json may override it)"
+        ),
+    )
+    load_models: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "models loaded at start in model control mode explicit; `*` = all (flag "
+            "repeatable; the variable takes a comma-separated list)",
+            flag="--load-model",
+            default_text="none",
         ),
     )
     strict_readiness: bool = field(
@@ -226,6 +257,14 @@ class Settings:
                 raise ConfigurationError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.grace_period_s < 0:
             raise ConfigurationError(f"grace_period_s must be 0 or more, got {self.grace_period_s}")
+        if not self.repository_poll_s > 0:
+            raise ConfigurationError(
+                f"repository_poll_s must be more than 0, got {self.repository_poll_s}"
+            )
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except ValueError as error:
+            raise ConfigurationError(f"version_policy: {error}") from None
         _check_image_formats(self.image_formats)
         for item in fields():
             choices = item.metadata.get("choices")
@@ -239,6 +278,21 @@ class Settings:
     def max_queue_delay_s(self) -> float:
         """max_queue_delay_us in seconds, the unit the event loop's clock uses."""
         return self.max_queue_delay_us / 1e6
+
+    @property
+    def policy(self) -> VersionPolicy:
+        """The server's version policy, parsed."""
+        return VersionPolicy.parse(self.version_policy)
+
+    @property
+    def batching(self) -> Batching:
+        """The server's batching settings (a model's config.json may override them)."""
+        return Batching(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            queue_capacity=self.queue_capacity,
+            max_concurrent_batches=self.max_concurrent_batches,
+        )
 
     @property
     def metrics_bind_host(self) -> str:
@@ -332,6 +386,8 @@ def _converter(item: dataclasses.Field[Any]) -> Callable[[str], Any]:
         return lambda text: dict(parse_model_version(p) for p in text.split(",") if p.strip())
     if item.name == "image_formats":
         return parse_image_formats
+    if item.name == "load_models":
+        return lambda text: tuple(name.strip() for name in text.split(",") if name.strip())
     raise TypeError(f"no converter for setting {item.name}: {hint}")
 
 
@@ -360,6 +416,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             parser.add_argument(
                 *names, dest=item.name, action="append", type=parse_model_version,
                 metavar="NAME=VERSION", default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+        elif item.name == "load_models":
+            parser.add_argument(
+                *names, dest=item.name, action="append", metavar="NAME",
+                default=argparse.SUPPRESS, help=help_text,
             )  # fmt: skip
         elif typing.get_type_hints(Settings)[item.name] is bool:
             parser.add_argument(
@@ -417,6 +478,8 @@ def settings_from(
         parsed = vars(build_parser().parse_args(argv))
         if "model_versions" in parsed:
             parsed["model_versions"] = dict(parsed["model_versions"])
+        if "load_models" in parsed:
+            parsed["load_models"] = tuple(parsed["load_models"])
         values.update(parsed)
     values.update(overrides)
     return Settings(**values)

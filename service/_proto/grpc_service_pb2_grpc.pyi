@@ -10,7 +10,11 @@ The base is the KServe predict-v2 protocol; `InferParameter` carries Triton's tw
 value kinds, and the service lists the streaming and model-repository RPCs of the Triton
 extensions so clients calling them get UNIMPLEMENTED with an explanation.
 
-Only the six base RPCs are implemented by convserve (see docs/service.md).
+convserve implements the base RPCs, the model repository extension (RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload) and Triton's ModelConfig and ModelStatistics; not
+ModelStreamInfer (see docs/service.md). Triton keeps ModelConfig and its parts in
+model_config.proto; they are here with the same package, names and field numbers (the wire
+is the same), and only with the fields convserve fills.
 """
 
 from collections import abc as _abc
@@ -55,12 +59,16 @@ class GRPCInferenceServiceStub:
     """Runs one inference request."""
     ModelStreamInfer: _grpc.StreamStreamMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelStreamInferResponse]
     """Triton extension: bidirectional streaming inference. Not implemented by convserve."""
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]
+    """Triton extension: a model version's configuration (what perf_analyzer asks first)."""
+    ModelStatistics: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]
+    """Triton extension: cumulative inference statistics per model version."""
     RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]
-    """Model repository extension: list the repository. Not implemented by convserve."""
+    """Model repository extension: every model and version in the repository, with its state."""
     RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]
-    """Model repository extension: load a model. Not implemented by convserve."""
+    """Model repository extension: load (or reload) a model (model control mode explicit)."""
     RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]
-    """Model repository extension: unload a model. Not implemented by convserve."""
+    """Model repository extension: unload a model (model control mode explicit)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -79,12 +87,16 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Runs one inference request."""
     ModelStreamInfer: _aio.StreamStreamMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelStreamInferResponse]  # type: ignore[assignment]
     """Triton extension: bidirectional streaming inference. Not implemented by convserve."""
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelConfigRequest, _grpc_service_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """Triton extension: a model version's configuration (what perf_analyzer asks first)."""
+    ModelStatistics: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelStatisticsRequest, _grpc_service_pb2.ModelStatisticsResponse]  # type: ignore[assignment]
+    """Triton extension: cumulative inference statistics per model version."""
     RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
-    """Model repository extension: list the repository. Not implemented by convserve."""
+    """Model repository extension: every model and version in the repository, with its state."""
     RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelLoadRequest, _grpc_service_pb2.RepositoryModelLoadResponse]  # type: ignore[assignment]
-    """Model repository extension: load a model. Not implemented by convserve."""
+    """Model repository extension: load (or reload) a model (model control mode explicit)."""
     RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryModelUnloadRequest, _grpc_service_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
-    """Model repository extension: unload a model. Not implemented by convserve."""
+    """Model repository extension: unload a model (model control mode explicit)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -144,12 +156,28 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """Triton extension: bidirectional streaming inference. Not implemented by convserve."""
 
     @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _grpc_service_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.ModelConfigResponse, _abc.Awaitable[_grpc_service_pb2.ModelConfigResponse]]:
+        """Triton extension: a model version's configuration (what perf_analyzer asks first)."""
+
+    @_abc_1.abstractmethod
+    def ModelStatistics(
+        self,
+        request: _grpc_service_pb2.ModelStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.ModelStatisticsResponse, _abc.Awaitable[_grpc_service_pb2.ModelStatisticsResponse]]:
+        """Triton extension: cumulative inference statistics per model version."""
+
+    @_abc_1.abstractmethod
     def RepositoryIndex(
         self,
         request: _grpc_service_pb2.RepositoryIndexRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryIndexResponse]]:
-        """Model repository extension: list the repository. Not implemented by convserve."""
+        """Model repository extension: every model and version in the repository, with its state."""
 
     @_abc_1.abstractmethod
     def RepositoryModelLoad(
@@ -157,7 +185,7 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_service_pb2.RepositoryModelLoadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryModelLoadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelLoadResponse]]:
-        """Model repository extension: load a model. Not implemented by convserve."""
+        """Model repository extension: load (or reload) a model (model control mode explicit)."""
 
     @_abc_1.abstractmethod
     def RepositoryModelUnload(
@@ -165,6 +193,6 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_service_pb2.RepositoryModelUnloadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryModelUnloadResponse]]:
-        """Model repository extension: unload a model. Not implemented by convserve."""
+        """Model repository extension: unload a model (model control mode explicit)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -71,7 +71,9 @@ def test_calls_need_an_accepted_token_health_is_exempt(
         twice = [*bearer(TOKEN), *bearer(OTHER)]
         refusal(lambda **kw: stub.ServerReady(pb2.ServerReadyRequest(), **kw), metadata=twice)
         refusal(lambda **kw: stub.ServerMetadata(pb2.ServerMetadataRequest(), **kw))
-        triton_only = running.channel().unary_unary("/inference.GRPCInferenceService/ModelConfig")
+        triton_only = running.channel().unary_unary(
+            "/inference.GRPCInferenceService/SystemSharedMemoryStatus"
+        )
         refusal(lambda **kw: triton_only(b"", **kw))
         # health answers without a token: probes carry none
         health = health_pb2_grpc.HealthStub(running.channel())
@@ -84,7 +86,7 @@ def test_calls_need_an_accepted_token_health_is_exempt(
     assert unauthenticated(running, "ModelInfer", "invalid") == 3
     assert unauthenticated(running, "ServerReady", "invalid") == 1
     assert unauthenticated(running, "ServerMetadata", "missing") == 1
-    assert unauthenticated(running, "unknown", "missing") == 1  # ModelConfig: not served
+    assert unauthenticated(running, "unknown", "missing") == 1  # shared memory: not served
     assert unauthenticated(running, "Classify", "missing") == 0
     # refused calls reach no servicer: only the three accepted ones are inference requests
     assert (

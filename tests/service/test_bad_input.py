@@ -197,9 +197,8 @@ def test_a_version_on_disk_but_not_served_is_described_as_it_is(
     error = rpc_error(running.inference_stub().ModelInfer, request, timeout=10)
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details() == (
-        "model tiny version '2' is not served; served: 1; version directories when the server "
-        "started: 1, 2 (2 without model.onnx); serve another with --model-version tiny=N and "
-        "a restart"
+        "model tiny version '2' is not served; ready versions: 1 (version policy: latest 1; "
+        "versions on disk: 1, 2 (2 without model.onnx))"
     )
 
 

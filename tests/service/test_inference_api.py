@@ -136,7 +136,7 @@ def test_not_found_names_what_exists(tiny_server: RunningServer) -> None:
     assert "unknown model 'mnist'; available: tiny" in error.details()
     error = rpc_error(stub.ModelInfer, infer_request(random_images(1, 5), model_version="7"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "version '7' is not served; served: 1" in error.details()
+    assert "version '7' is not served; ready versions: 1" in error.details()
     error = rpc_error(stub.ModelMetadata, pb2.ModelMetadataRequest(name="mnist"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert_still_serving(tiny_server)
@@ -149,7 +149,7 @@ def test_unavailable_while_models_load(start_server: StartServer, tiny_repositor
     assert not stub.ServerReady(pb2.ServerReadyRequest()).ready
     error = rpc_error(stub.ModelInfer, infer_request(random_images(1, 6)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert "model tiny version 1 is still loading" in error.details()
+    assert "model tiny is still loading" in error.details()
     running.load()
     assert stub.ServerReady(pb2.ServerReadyRequest()).ready
     assert_still_serving(running)
@@ -265,20 +265,20 @@ def test_internal_errors_hide_details_and_log_them(
 
 def test_other_rpcs_are_unimplemented_with_a_message(tiny_server: RunningServer) -> None:
     stub = tiny_server.inference_stub()
-    error = rpc_error(stub.RepositoryIndex, pb2.RepositoryIndexRequest())
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert (
-        "RepositoryIndex is not implemented by convserve; implemented: ServerLive"
-        in error.details()
-    )
     stream = stub.ModelStreamInfer(iter([infer_request(random_images(1, 8))]))
     error = rpc_error(lambda: list(stream))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    # Triton-only methods that are not in our proto (e.g. ModelConfig) get the same answer.
-    raw = tiny_server.channel().unary_unary("/inference.GRPCInferenceService/ModelConfig")
+    assert "ModelStreamInfer is not implemented by convserve; implemented: ServerLive" in (
+        error.details()
+    )
+    # Triton-only methods that are not in our proto (shared memory) get the same answer.
+    raw = tiny_server.channel().unary_unary(
+        "/inference.GRPCInferenceService/CudaSharedMemoryRegister"
+    )
     error = rpc_error(raw, b"", timeout=5)
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "ModelConfig is not implemented" in error.details()
+    assert "CudaSharedMemoryRegister is not implemented" in error.details()
+    assert "RepositoryModelLoad" in error.details()  # the list of what is implemented
     assert_still_serving(tiny_server)
 
 

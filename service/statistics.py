@@ -1,0 +1,61 @@
+"""Per model version counters in Triton's terms (ModelStatistics), from what is measured anyway.
+
+Triton's meaning, kept here: `inference_count` counts items (images, batch rows) computed,
+`execution_count` the batches run; `success` and `fail` count requests with their receipt-to-
+reply durations; `queue` the time each request waited for its batch; `compute_input` the
+request's conversion before the queue, `compute_infer` the run of the batch it was in (each
+request of a batch counts the batch's whole run, as in Triton), `compute_output` the encoding
+of its answer. `batch_stats` has one entry per batch size: how many batches of that size ran
+and their run time. Durations are cumulative nanoseconds. Everything runs on the event loop's
+thread: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    """A count and the cumulative time of what it counts, in nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += round(seconds * 1e9)
+
+
+@dataclass
+class VersionStatistics:
+    """One loaded version's counters since it was loaded."""
+
+    clock_ms: Callable[[], int] = field(default=lambda: time.time_ns() // 1_000_000)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)
+
+    def answered(self, ok: bool, latency_s: float) -> None:
+        (self.success if ok else self.fail).add(latency_s)
+
+    def queued(self, waits_s: Sequence[float]) -> None:
+        self.queue.add(sum(waits_s), len(waits_s))
+
+    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None:
+        if not ok:
+            return
+        self.inference_count += size
+        self.execution_count += 1
+        self.last_inference_ms = self.clock_ms()
+        self.compute_infer.add(compute_s * requests, requests)
+        self.batches.setdefault(size, Duration()).add(compute_s)
