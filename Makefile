@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 MODEL      ?= mnist_cnn
 
-.PHONY: run train serve test test-contended faults lint typecheck proto tools bench clean constraints
+.PHONY: run train serve test test-contended faults lint typecheck proto tools bench bench-table clean constraints
 
 # --- set-up -----------------------------------------------------------------
 # Every install takes its versions from constraints.txt, the versions the tests ran; the images
@@ -30,9 +30,11 @@ $(VENV)/.stamp-dev: pyproject.toml constraints.txt | $(VENV)/bin/python
 constraints:
 	$(PY) scripts/freeze-constraints.py
 
-# System tools the deployment checks run for real: Prometheus (promtool) and nginx.
-tools:
+# System tools the checks run for real: Prometheus (promtool), nginx, chromium, and Triton's
+# perf_analyzer (unpacked into .tools/).
+tools: $(VENV)/.stamp-dev
 	@bash scripts/install-system-tools.sh
+	@bash scripts/install-perf-analyzer.sh $(PY)
 
 # --- the main job -------------------------------------------------------------
 # Trains the default model on the embedded digits when the repository has none, then serves it.
@@ -48,12 +50,30 @@ serve: $(VENV)/.stamp-run
 
 # Batching on vs off at 64 concurrent single-image clients, on resnet18 (docs/benchmark.md).
 BENCH_REPOSITORY ?= bench_repository
+# The bench models: an untrained resnet18 for 3x32x32, and the default CNN (1x28x28, the preset
+# `make train` uses) trained for one short epoch: weights do not change its speed.
+BENCH_RESNET18 := test -d $(BENCH_REPOSITORY)/resnet18 || $(PY) -m training export-arch resnet18 \
+	--num-classes 10 --input-size 32 --channels 3 --repository $(BENCH_REPOSITORY) \
+	--model-name resnet18
+BENCH_SMALL_CNN := test -d $(BENCH_REPOSITORY)/small_cnn || $(PY) -m training train --quiet \
+	--epochs 1 --max-samples 1000 --device cpu --no-report --no-progress \
+	--repository $(BENCH_REPOSITORY) --model-name small_cnn
 bench: $(VENV)/.stamp-run
-	test -d $(BENCH_REPOSITORY)/resnet18 || $(PY) -m training export-arch resnet18 --num-classes 10 \
-		--input-size 32 --channels 3 --repository $(BENCH_REPOSITORY) --model-name resnet18
+	$(BENCH_RESNET18)
 	$(PY) -m service.bench --model-repository $(BENCH_REPOSITORY) --model resnet18 --providers cpu \
 		--server-max-batch-size 1 32 --concurrency 1 16 64 --duration 8 --warmup 2 \
 		--in-process-batch-sizes 1 2 4 8 16 32 64
+
+# Issue 11's table: the server against an inline reference server and ONNX Runtime alone, on
+# resnet18 and the small CNN (docs/benchmark.md). BENCH_SECONDS and BENCH_WARMUP: each run's.
+BENCH_SECONDS ?= 8
+BENCH_WARMUP ?= 2
+bench-table: $(VENV)/.stamp-run
+	$(BENCH_RESNET18)
+	$(BENCH_SMALL_CNN)
+	$(PY) -m service.bench --table --model-repository $(BENCH_REPOSITORY) --large-model resnet18 \
+		--small-model small_cnn --providers cpu --duration $(BENCH_SECONDS) \
+		--warmup $(BENCH_WARMUP) --in-process-batch-sizes 1 2 4 8 16 32 64
 
 # --- checks -------------------------------------------------------------------
 test: $(VENV)/.stamp-dev tools lint typecheck

@@ -8,6 +8,8 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus >/dev/null 2>&1 || [[ " ${missing[*]-} " == *" prometheus "* ]] || missing+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # renders the training report page
+[ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] || ldconfig -p 2>/dev/null | grep -q libb64.so.0d || missing+=(libb64-0d)  # perf_analyzer
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "system tools present: $(command -v promtool) $(command -v nginx || echo /usr/sbin/nginx)"

@@ -54,7 +54,7 @@ class BatchObserver(Protocol):
     def queue_depth(self, items: int) -> None: ...
     def rejected(self) -> None: ...
     def batch_started(self, size: int, waits_s: Sequence[float]) -> None: ...
-    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None: ...
+    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None: ...
 
 
 class _NullObserver:
@@ -67,7 +67,7 @@ class _NullObserver:
     def batch_started(self, size: int, waits_s: Sequence[float]) -> None:
         pass
 
-    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None:
+    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
         pass
 
 
@@ -82,11 +82,23 @@ class BatcherStats:
 
 
 @dataclass
+class RequestTiming:
+    """Where one request's time went, in seconds: filled by the batcher (queue, compute) and
+    by its caller (input conversion, output encoding); Triton's per-request statistics."""
+
+    input_s: float = 0.0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    output_s: float = 0.0
+
+
+@dataclass
 class _Pending:
     items: np.ndarray
     future: asyncio.Future[np.ndarray]
     enqueued_at: float
     deadline: float | None
+    timing: RequestTiming | None = None
 
 
 class Batcher:
@@ -149,9 +161,15 @@ class Batcher:
                 f"queue places taken, {n} needed; retry later"
             )
 
-    async def infer(self, items: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def infer(
+        self,
+        items: np.ndarray,
+        deadline: float | None = None,
+        timing: RequestTiming | None = None,
+    ) -> np.ndarray:
         """Computes `items` ([n, ...]) as part of some batches; `deadline` is on the batcher's
-        clock (the event loop's unless one was injected)."""
+        clock (the event loop's unless one was injected). `timing`, when given, gets the time
+        the request waited and computed (summed over its chunks)."""
         n = len(items)
         self.check_room(n)
         loop = asyncio.get_running_loop()
@@ -160,7 +178,7 @@ class Batcher:
         for start in range(0, n, self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
             future: asyncio.Future[np.ndarray] = loop.create_future()
-            self._queue.append(_Pending(chunk, future, now, deadline))
+            self._queue.append(_Pending(chunk, future, now, deadline, timing))
             futures.append(future)
         self._queued_items += n
         self._observer.queue_depth(self._queued_items)
@@ -259,13 +277,17 @@ class Batcher:
         else:
             ok = True
             offset = 0
+            compute_s = self._now(loop) - started
             for pending in batch:
                 count = len(pending.items)
+                if pending.timing is not None:
+                    pending.timing.queue_s += started - pending.enqueued_at
+                    pending.timing.compute_s += compute_s
                 if not pending.future.done():
                     pending.future.set_result(outputs[offset : offset + count])
                 offset += count
         finally:
-            self._observer.batch_finished(size, self._now(loop) - started, ok, len(batch))
+            self._observer.batch_finished(size, self._now(loop) - started, ok)
             self.stats.batches += 1
             self.stats.items += size
             self.stats.largest_batch = max(self.stats.largest_batch, size)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.batcher import RequestTiming
 from service.errors import InvalidInput
 from service.images import DEFAULT_IMAGE_FORMATS, decode_image
 from service.results import ScoredClass, top_k
@@ -88,11 +89,19 @@ class Classifier:
         images: Sequence[bytes],
         top_k_requested: int,
         deadline: float | None = None,
+        timing: RequestTiming | None = None,
     ) -> list[list[ScoredClass]]:
-        """The top-k classes of each image, in request order."""
+        """The top-k classes of each image, in request order; `timing` gets where the time
+        went (decode = input, top-k = output)."""
+        timing = timing if timing is not None else RequestTiming()
+        started = time.perf_counter()
         k = self.effective_top_k(top_k_requested, len(model.spec.labels))
         if images:  # refuse what the queue cannot take before decoding anything
             model.batcher.check_room(len(images))
         batch = await self.decode(model, images)
-        logits = await model.batcher.infer(batch, deadline)
-        return top_k(softmax(logits), k, model.spec.labels)
+        timing.input_s = time.perf_counter() - started
+        logits = await model.batcher.infer(batch, deadline, timing)
+        computed = time.perf_counter()
+        results = top_k(softmax(logits), k, model.spec.labels)
+        timing.output_s = time.perf_counter() - computed
+        return results

@@ -295,13 +295,12 @@ class ModelMetrics:
         for wait in waits_s:
             self._queue_wait.observe(wait)
         self._batch_size.observe(size)
-        self.statistics.queued(waits_s)
 
-    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None:
+    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
         self._batch_compute.observe(compute_s)
         if ok:
             self._images.inc(size)
-        self.statistics.batch_finished(size, compute_s, ok, requests)
+        self.statistics.batch_finished(size, compute_s, ok)
 
     def set_queue_capacity(self, items: int) -> None:
         self._m.queue_capacity.labels(self.name, self.version).set(items)

@@ -250,6 +250,7 @@ class ModelManager:
         await self._changed()
         assert record is not None
         if not record.ready():
+            record.unloaded = True  # not served: it counts for readiness no more than before
             raise InvalidInput(f"failed to load model {name}: {self._why_not_ready(record)}")
 
     async def unload(self, name: str) -> None:
@@ -261,7 +262,7 @@ class ModelManager:
                 loaded = ", ".join(self.loaded_names()) or "none"
                 raise ModelNotFound(f"model {client_text(name)} is not loaded; loaded: {loaded}")
             record.unloaded = True
-            await self._unload_all(record, "unloaded (RepositoryModelUnload)")
+            await self._unload_all(record, "RepositoryModelUnload")
         await self._changed()
 
     async def close(self) -> None:
@@ -297,9 +298,9 @@ class ModelManager:
         for number in sorted(policy.select(self._servable(record, entry))):
             current = record.versions.get(number)
             if current is None or current.state is VersionState.UNAVAILABLE:
-                version_dir = entry.version_dir(number)
-                assert version_dir is not None
-                await self._load_version(record, version_dir, batching)
+                found = entry.version_dir(number)
+                assert found is not None
+                await self._load_version(record, found, batching)
         wanted = policy.select(self._servable(record, entry))
         for number, version in sorted(record.versions.items()):
             if version.state is VersionState.READY and number not in wanted:
@@ -462,6 +463,8 @@ class ModelManager:
                 return ready[-1].loaded
             if self.starting or VersionState.LOADING in record.states():
                 raise ModelNotReady(f"model {record.name} is still loading; retry shortly")
+            if VersionState.UNLOADING in record.states():
+                raise ModelNotReady(f"model {record.name} is being unloaded")
             why = self._why_not_ready(record, brief=True)  # paths, ORT's text: in the log
             raise ModelNotFound(f"model {record.name} has no ready version: {why}")
         number = int(version) if version.isascii() and version.isdigit() else None
@@ -479,7 +482,7 @@ class ModelManager:
             raise ModelNotReady(f"model {record.name} version {number} is still loading")
         if served.state is VersionState.UNLOADING:
             raise ModelNotReady(
-                f"model {record.name} version {number} is being unloaded ({served.reason})"
+                f"model {record.name} version {number} is being unloaded: {served.reason}"
             )
         raise ModelNotFound(
             f"model {record.name} version {number} failed to load; see the server log"

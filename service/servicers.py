@@ -20,6 +20,7 @@ from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.admission import Admission
+from service.batcher import RequestTiming
 from service.classify import Classifier
 from service.errors import InvalidInput, ModelNotReady, NotImplementedRpc, client_text
 from service.metrics import Metrics
@@ -27,7 +28,7 @@ from service.models import LoadedModel, ModelManager
 from service.status import Call
 
 SERVER_NAME = "convserve"
-EXTENSIONS = ("classification",)
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 IMPLEMENTED = (
     "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
@@ -98,7 +99,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
                 return await self._infer(request, model, call)
 
     async def _infer(self, request: pb2.ModelInferRequest, model: LoadedModel, call: Call) -> Any:
-        statistics = model.metrics.statistics
+        timing = RequestTiming()
         started = time.perf_counter()
         checked = converters.checked_input(request, model.spec)
         outputs = converters.requested_outputs(request, model.spec, self._max_top_k)
@@ -107,12 +108,13 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             images = await asyncio.to_thread(checked.convert)
         else:
             images = checked.convert()
-        statistics.compute_input.add(time.perf_counter() - started)
+        timing.input_s = time.perf_counter() - started
         deadline = call.deadline(converters.request_timeout_s(request))
-        values = await model.batcher.infer(images, deadline)
+        values = await model.batcher.infer(images, deadline, timing)
         computed = time.perf_counter()
         response = converters.encode_infer_response(request, model.spec, outputs, values)
-        statistics.compute_output.add(time.perf_counter() - computed)
+        timing.output_s = time.perf_counter() - computed
+        model.metrics.statistics.computed(timing)
         return response
 
     async def ModelConfig(self, request: pb2.ModelConfigRequest, context: Context) -> Any:
@@ -239,7 +241,9 @@ class ClassificationServicer(cls_grpc.ImageClassificationServicer):
         async with Call("Classify", context, self._metrics, self._admission) as call:
             with self._models.lease(request.model_name, request.model_version) as model:
                 call.bind(model.metrics)
+                timing = RequestTiming()
                 results = await self._classifier.classify(
-                    model, request.images, request.top_k, call.deadline()
+                    model, request.images, request.top_k, call.deadline(), timing
                 )
+                model.metrics.statistics.computed(timing)
                 return converters.classify_response(model.spec, results)

@@ -5,16 +5,19 @@ Triton's meaning, kept here: `inference_count` counts items (images, batch rows)
 reply durations; `queue` the time each request waited for its batch; `compute_input` the
 request's conversion before the queue, `compute_infer` the run of the batch it was in (each
 request of a batch counts the batch's whole run, as in Triton), `compute_output` the encoding
-of its answer. `batch_stats` has one entry per batch size: how many batches of that size ran
-and their run time. Durations are cumulative nanoseconds. Everything runs on the event loop's
-thread: no locks.
+of its answer. The four per-request durations are added together when the request is answered,
+so their counts are always equal (perf_analyzer checks that). `batch_stats` has one entry per
+batch size: how many batches of that size ran and their run time. Durations are cumulative
+nanoseconds. Everything runs on the event loop's thread: no locks.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from service.batcher import RequestTiming
 
 
 @dataclass
@@ -48,14 +51,17 @@ class VersionStatistics:
     def answered(self, ok: bool, latency_s: float) -> None:
         (self.success if ok else self.fail).add(latency_s)
 
-    def queued(self, waits_s: Sequence[float]) -> None:
-        self.queue.add(sum(waits_s), len(waits_s))
+    def computed(self, timing: RequestTiming) -> None:
+        """One request computed: its four durations, together."""
+        self.compute_input.add(timing.input_s)
+        self.queue.add(timing.queue_s)
+        self.compute_infer.add(timing.compute_s)
+        self.compute_output.add(timing.output_s)
 
-    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int) -> None:
+    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
         if not ok:
             return
         self.inference_count += size
         self.execution_count += 1
         self.last_inference_ms = self.clock_ms()
-        self.compute_infer.add(compute_s * requests, requests)
         self.batches.setdefault(size, Duration()).add(compute_s)

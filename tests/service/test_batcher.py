@@ -66,7 +66,7 @@ class Recorder:
         self.sizes.append(size)
         self.waits.extend(waits_s)
 
-    def batch_finished(self, size: int, compute_s: float, ok: bool, requests: int = 1) -> None:
+    def batch_finished(self, size: int, compute_s: float, ok: bool) -> None:
         pass
 
 

@@ -170,7 +170,7 @@ def test_symlinks_out_of_the_repository_are_refused_and_the_others_serve(
         running = start_server(repository, strict_readiness=False)
     errors = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     root = repository.resolve()
-    for name, what, path, target in (
+    for _model, what, path, target in (
         ("linked_model", "model directory", "linked_model", elsewhere),
         ("linked_version", "version directory", "linked_version/1", elsewhere / "1"),
         ("linked_file", "model file", "linked_file/2/model.onnx", elsewhere / "1/model.onnx"),

@@ -18,7 +18,10 @@ from service._proto import grpc_service_pb2 as pb2
 from tests.certificates import Pki
 from tests.service.conftest import REPO_ROOT, RunningServer, StartServer, python
 
-CHECKS = ("wire:", "raw infer: ok", "classification extension: ok", "typed contents: ok")
+CHECKS = (
+    "wire:", "raw infer: ok", "classification extension: ok", "typed contents: ok",
+    "repository and config: ok", "statistics: ok",
+)  # fmt: skip
 TOKEN = "tritonclient-token-0123456789"
 
 
@@ -53,7 +56,8 @@ def run_check(running: RunningServer, tmp_path: Path, *options: str) -> str:
 def test_tritonclient_works_unchanged(
     start_server: StartServer, tiny_repository: Path, tmp_path: Path
 ) -> None:
-    run_check(start_server(tiny_repository), tmp_path)
+    running = start_server(tiny_repository, model_control_mode="explicit", load_models=("*",))
+    assert "load/unload: ok" in run_check(running, tmp_path, "--explicit")
 
 
 def test_tritonclient_over_mutual_tls_with_a_bearer_token(
@@ -78,6 +82,7 @@ def test_tritonclient_over_mutual_tls_with_a_bearer_token(
         "--certificate-chain", str(pki.client_cert), "--token", TOKEN,
     )  # fmt: skip
     assert "token required: ok" in output and "plaintext refused: ok" in output
+    assert "load refused outside explicit mode: ok" in output
     refused = running.metric(
         "convserve_unauthenticated_requests_total", rpc="ServerReady", reason="missing"
     )

@@ -2,7 +2,7 @@
 
     python -m tests.service.tritonclient_check --address 127.0.0.1:8001 --descriptor FILE
     python -m tests.service.tritonclient_check ... --root-certificates ca.pem \
-        [--private-key client.key --certificate-chain client.pem] [--token TOKEN]
+        [--private-key client.key --certificate-chain client.pem] [--token TOKEN] [--explicit]
 
 Runs in its own process: tritonclient ships generated `inference.*` messages of its own, and
 the default protobuf descriptor pool refuses a second definition of the same symbols, so this
@@ -29,7 +29,6 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.model_factory import TinySpec, reference_logits
-
 
 # Messages convserve declares with only the fields it fills (Triton's ModelConfig has dozens of
 # scheduling and backend options): each field it has must match Triton's exactly; the
@@ -204,6 +203,70 @@ def check_client(address: str, args: argparse.Namespace) -> None:
     print("errors: ok")
 
 
+def check_repository(address: str, args: argparse.Namespace) -> None:
+    """The repository, configuration and statistics calls of tritonclient, unchanged."""
+    client = connect(address, args)
+    sent = headers(args)
+    index = client.get_model_repository_index(headers=sent, as_json=True)
+    assert {"name": "tiny", "version": "1", "state": "READY"} in index["models"], index
+    config = client.get_model_config("tiny", headers=sent, as_json=True)["config"]
+    assert (config["platform"], config["max_batch_size"]) == ("onnxruntime_onnx", 32), config
+    assert config["input"][0]["data_type"] == "TYPE_UINT8"
+    assert config["input"][0]["dims"] == ["1", "28", "28"]  # int64 as JSON strings
+    assert config["output"][0]["dims"] == ["10"]
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    if args.explicit:
+        client.unload_model("tiny", headers=sent)
+        assert not client.is_model_ready("tiny", headers=sent)
+        client.load_model("tiny", headers=sent)
+        assert client.is_model_ready("tiny", headers=sent)
+        print("load/unload: ok")
+    else:
+        try:
+            client.load_model("tiny", headers=sent)
+        except InferenceServerException as error:
+            assert "UNAVAILABLE" in str(error.status()), error.status()
+            assert "not allowed in model control mode poll" in error.message()
+        else:
+            raise AssertionError("load_model was accepted in model control mode poll")
+        print("load refused outside explicit mode: ok")
+    print("repository and config: ok")
+
+
+def check_statistics(address: str, args: argparse.Namespace, before: dict) -> None:
+    """ModelStatistics counts what check_client sent: 3 requests answered, 9 images, 1 failed
+    (the FP32 one)."""
+    client = connect(address, args)
+    stats = client.get_inference_statistics("tiny", headers=headers(args), as_json=True)
+    (entry,) = stats["model_stats"]
+    assert entry["version"] == "1"
+
+    def count(stats: dict, *path: str) -> int:
+        for key in path:
+            stats = stats.get(key, {})
+        return int(stats or 0)
+
+    def delta(*path: str) -> int:
+        return count(entry, *path) - count(before, *path)
+
+    assert delta("inference_count") == 9, entry
+    assert delta("inference_stats", "success", "count") == 3, entry
+    assert delta("inference_stats", "fail", "count") == 1, entry
+    for stage in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert delta("inference_stats", stage, "count") == 3, (stage, entry)
+    batched = sum(
+        int(b["batch_size"]) * count(b, "compute_infer", "count") for b in entry["batch_stats"]
+    )
+    assert batched == count(entry, "inference_count"), entry
+    print("statistics: ok")
+
+
+def statistics_now(address: str, args: argparse.Namespace) -> dict:
+    client = connect(address, args)
+    stats = client.get_inference_statistics("tiny", headers=headers(args), as_json=True)
+    return dict(stats["model_stats"][0])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--address", required=True)
@@ -212,11 +275,17 @@ def main() -> int:
     parser.add_argument("--private-key", help="PEM client key (mutual TLS)")
     parser.add_argument("--certificate-chain", help="PEM client certificate (mutual TLS)")
     parser.add_argument("--token", help="bearer token sent with every call")
+    parser.add_argument(
+        "--explicit", action="store_true", help="the server is in model control mode explicit"
+    )
     args = parser.parse_args()
     assert "service._proto.grpc_service_pb2" not in sys.modules
     check_wire_compatibility(args.descriptor)
     check_security(args.address, args)
+    check_repository(args.address, args)
+    before = statistics_now(args.address, args)
     check_client(args.address, args)
+    check_statistics(args.address, args, before)
     return 0
 
 
