@@ -7,6 +7,7 @@ per-model view the batcher reports to (it implements `BatchObserver`). Tests bui
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -183,8 +184,19 @@ class Metrics:
         self._lifecycle_children(model)
         self.lifecycle_events.labels(model, "unload", "ok").inc()
 
-    def versions_ready(self, model: str, count: int) -> None:
+    def versions_ready(self, model: str, count: int | None) -> None:
+        """The model's ready versions now; None: the model is no longer served (unloaded
+        through the API, or gone from the repository), and its series goes."""
+        if count is None:
+            with contextlib.suppress(KeyError):
+                self.versions_ready_gauge.remove(model)
+            return
         self.versions_ready_gauge.labels(model).set(count)
+
+    def version_forgotten(self, model: str, version: int) -> None:
+        """A failed version whose directory left the repository: its 0 goes."""
+        with contextlib.suppress(KeyError):
+            self.model_ready.remove(model, str(version))
 
     def repository_polled(self, ok: bool) -> None:
         self.repository_polls.labels("ok" if ok else "failed").inc()
@@ -261,6 +273,7 @@ class ModelMetrics:
         self.image_decode = metrics.image_decode.labels(*labels)
         self._answered: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.statistics = VersionStatistics()
+        self._info_labels: tuple[str, str] | None = None
         for rpc in INFERENCE_RPCS:
             for code in (OK, *REFUSAL_CODES):
                 self._children(rpc, code)
@@ -308,8 +321,23 @@ class ModelMetrics:
     def set_ready(self, ready: bool) -> None:
         self._m.model_ready.labels(self.name, self.version).set(1 if ready else 0)
 
+    def forget(self) -> None:
+        """The version was unloaded: its gauges go (a 0 left behind would read as a version
+        that failed); its counters and histograms stay, as Prometheus expects of counters."""
+        m, labels = self._m, (self.name, self.version)
+        for gauge in (
+            m.model_ready, m.queue_depth, m.queue_capacity, m.in_flight, m.load_seconds,
+            m.provider_fallback,
+        ):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        if self._info_labels is not None:
+            with contextlib.suppress(KeyError):
+                m.model_info.remove(*labels, *self._info_labels)
+
     def loaded(self, load_s: float, provider: str, requested: str, fallback: bool) -> None:
         """Records a successful load: time, provider info and whether CUDA fell back to CPU."""
         self._m.load_seconds.labels(self.name, self.version).set(load_s)
         self._m.model_info.labels(self.name, self.version, provider, requested).set(1)
+        self._info_labels = (provider, requested)
         self._m.provider_fallback.labels(self.name, self.version).set(1 if fallback else 0)

@@ -86,10 +86,10 @@ class LoadedModel:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Frees the batcher, then the session and its executor."""
+        """Frees the batcher, then the session and its executor; its gauges go."""
         await self.batcher.close()
         await asyncio.to_thread(self.runtime.close)
-        self.metrics.set_ready(False)
+        self.metrics.forget()
 
 
 @dataclass
@@ -141,7 +141,8 @@ class LifecycleObserver(Protocol):
 
     def version_loaded(self, model: str, version: int | None, ok: bool) -> None: ...
     def version_unloaded(self, model: str) -> None: ...
-    def versions_ready(self, model: str, count: int) -> None: ...
+    def versions_ready(self, model: str, count: int | None) -> None: ...
+    def version_forgotten(self, model: str, version: int) -> None: ...
 
 
 Loader = Callable[[str, VersionDir, Batching], Awaitable[LoadedModel]]
@@ -251,6 +252,8 @@ class ModelManager:
         assert record is not None
         if not record.ready():
             record.unloaded = True  # not served: it counts for readiness no more than before
+            if self._observer is not None:
+                self._observer.versions_ready(name, None)
             raise InvalidInput(f"failed to load model {name}: {self._why_not_ready(record)}")
 
     async def unload(self, name: str) -> None:
@@ -263,6 +266,8 @@ class ModelManager:
                 raise ModelNotFound(f"model {client_text(name)} is not loaded; loaded: {loaded}")
             record.unloaded = True
             await self._unload_all(record, "RepositoryModelUnload")
+            if self._observer is not None:
+                self._observer.versions_ready(name, None)
         await self._changed()
 
     async def close(self) -> None:
@@ -278,6 +283,8 @@ class ModelManager:
                 await self._unload_all(record, "removed from the model repository")
                 del self._records[name]
                 logger.info("model %s left the repository: unloaded", name)
+                if self._observer is not None:
+                    self._observer.versions_ready(name, None)
             return None
         policy = entry.config.policy_or(self._pinned.get(name, self._policy))
         if record is None:
@@ -312,6 +319,10 @@ class ModelManager:
                 await self._unload_version(record, version, why)
             elif version.state is VersionState.UNAVAILABLE and entry.version_dir(number) is None:
                 del record.versions[number]  # a failed version whose directory is gone
+                if self._observer is not None:
+                    self._observer.version_forgotten(name, number)
+        if self._observer is not None:
+            self._observer.versions_ready(name, len(record.ready()))
         return record
 
     def _refuse(self, record: ModelRecord, version_dir: VersionDir) -> None:
@@ -399,6 +410,8 @@ class ModelManager:
                 await self._unload_version(record, version, why)
             else:
                 del record.versions[version.number]
+                if self._observer is not None:
+                    self._observer.version_forgotten(record.name, version.number)
 
     async def _changed(self) -> None:
         if self._on_change is not None:
