@@ -16,19 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from contract.preprocessing import prepare
 from service.errors import InvalidInput, client_text
 from service.repository import Preprocessing
 
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
-
-RESAMPLING = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 
 
 def readable_formats() -> tuple[str, ...]:
@@ -38,17 +30,9 @@ def readable_formats() -> tuple[str, ...]:
 
 
 def preprocess(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
-    """A decoded image -> uint8 [C, H, W]: the contract's convert + resize."""
-    # convert() to the same mode is a full copy: skip it (the pixels are the same).
-    mode = preprocessing.color_mode
-    converted = image if image.mode == mode else image.convert(mode)
-    size = (preprocessing.width, preprocessing.height)
-    if converted.size != size:
-        converted = converted.resize(size, RESAMPLING[preprocessing.resize])
-    array = np.asarray(converted, dtype=np.uint8)
-    if array.ndim == 2:
-        return array[np.newaxis, :, :].copy()
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    """A decoded image -> uint8 [C, H, W]: the contract's recipe, with the model's metadata."""
+    p = preprocessing
+    return prepare(image, p.color_mode, p.width, p.height, p.resize)
 
 
 def decode_image(

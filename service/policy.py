@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from contract.layout import CONFIG_FILE
 from service.errors import ModelLoadError
 
-CONFIG_FILE = "config.json"
 POLICY_KINDS = ("latest", "all", "specific")
 PolicyKind = Literal["latest", "all", "specific"]
 ControlMode = Literal["none", "poll", "explicit"]

@@ -16,26 +16,30 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contract.layout import (
+    FORMAT_KEY,
+    INPUT_NAME,
+    LABELS_FILE,
+    LABELS_KEY,
+    METADATA_FILE,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    PREPROCESSING_KEY,
+    SUPPORTED_FORMATS,
+    VERSION_FILES,
+    is_model_name,
+    version_number,
+)
+from contract.preprocessing import COLOR_MODES, RESIZE_FILTERS
 from service.errors import ConfigurationError, ModelLoadError
 from service.policy import CONFIG_FILE, ModelConfig, read_model_config
 
 logger = logging.getLogger(__name__)
-
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-VERSION_NAME = re.compile(r"[0-9]{1,18}")  # ASCII digits only: "²".isdigit() is true too
-MODEL_FILE = "model.onnx"
-# The files of a version directory the server reads (metadata.json and labels.txt: the
-# fallbacks of read_metadata and spec_from_metadata).
-VERSION_FILES = (MODEL_FILE, "metadata.json", "labels.txt")
-SUPPORTED_FORMATS = ("1",)
-RESIZE_FILTERS = ("bilinear", "nearest", "bicubic", "lanczos", "box", "hamming")
-COLOR_MODES = {"L": 1, "RGB": 3}
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,8 @@ class Preprocessing:
     channels: int
     color_mode: str
     resize: str = "bilinear"
-    input_name: str = "images"
-    output_name: str = "logits"
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class ModelRepository:
                 (
                     _version_dir(child, root)
                     for child in directory.iterdir()
-                    if VERSION_NAME.fullmatch(child.name) and int(child.name) > 0 and child.is_dir()
+                    if version_number(child.name) is not None and child.is_dir()
                 ),
                 key=lambda v: v.number,
             )
@@ -186,7 +190,7 @@ class ModelRepository:
 
 def valid_model_name(name: str) -> bool:
     """A directory name the server takes for a model (hidden directories are not models)."""
-    return bool(MODEL_NAME.match(name)) and not name.startswith((".", "-"))
+    return is_model_name(name)
 
 
 def _version_dir(path: Path, root: Path) -> VersionDir:
@@ -238,9 +242,9 @@ def _json(metadata: Mapping[str, Any], key: str) -> Any:
 
 def read_metadata(custom_metadata: Mapping[str, str], version_dir: Path) -> dict[str, Any]:
     """The model's metadata: the ONNX metadata_props, else metadata.json beside the model."""
-    if "convserve.preprocessing" in custom_metadata:
+    if PREPROCESSING_KEY in custom_metadata:
         return dict(custom_metadata)
-    sidecar = version_dir / "metadata.json"
+    sidecar = version_dir / METADATA_FILE
     if sidecar.is_file():
         logger.warning("%s has no convserve.* metadata_props; using %s", version_dir, sidecar.name)
         loaded = json.loads(sidecar.read_text())
@@ -256,12 +260,12 @@ def spec_from_metadata(
     name: str, version: int, metadata: Mapping[str, Any], version_dir: Path
 ) -> ModelSpec:
     """Validates the contract's metadata keys and builds the spec; raises ModelLoadError."""
-    fmt = str(metadata.get("convserve.format", ""))
+    fmt = str(metadata.get(FORMAT_KEY, ""))
     if fmt not in SUPPORTED_FORMATS:
         raise ModelLoadError(
             f"convserve.format {fmt!r} is not supported; supported: {', '.join(SUPPORTED_FORMATS)}"
         )
-    raw = _json(metadata, "convserve.preprocessing")
+    raw = _json(metadata, PREPROCESSING_KEY)
     if not isinstance(raw, dict):
         raise ModelLoadError("convserve.preprocessing must be a JSON object")
     try:
@@ -271,8 +275,8 @@ def spec_from_metadata(
             channels=int(raw["channels"]),
             color_mode=str(raw["color_mode"]),
             resize=str(raw.get("resize", "bilinear")).lower(),
-            input_name=str(raw.get("input_name", "images")),
-            output_name=str(raw.get("output_name", "logits")),
+            input_name=str(raw.get("input_name", INPUT_NAME)),
+            output_name=str(raw.get("output_name", OUTPUT_NAME)),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ModelLoadError(
@@ -289,9 +293,9 @@ def spec_from_metadata(
         )
     if raw.get("layout", "NCHW") != "NCHW" or raw.get("input_dtype", "uint8") != "uint8":
         raise ModelLoadError("only layout NCHW with input_dtype uint8 is supported")
-    labels = _json(metadata, "convserve.labels")
-    if labels is None and (version_dir / "labels.txt").is_file():
-        labels = (version_dir / "labels.txt").read_text().splitlines()
+    labels = _json(metadata, LABELS_KEY)
+    if labels is None and (version_dir / LABELS_FILE).is_file():
+        labels = (version_dir / LABELS_FILE).read_text().splitlines()
     if not isinstance(labels, list) or not labels:
         raise ModelLoadError("no labels: convserve.labels is missing or empty")
     return ModelSpec(

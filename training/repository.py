@@ -17,19 +17,15 @@ import ctypes
 import errno
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from contract.layout import MODEL_FILE, MODEL_NAME, TMP_PREFIX, version_number
 from training.errors import RepositoryError
 
 logger = logging.getLogger(__name__)
-
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-TMP_PREFIX = ".tmp-"
-MODEL_FILE = "model.onnx"
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _MAX_ATTEMPTS = 100
@@ -49,8 +45,9 @@ def _numbered_directories(model_dir: Path) -> list[int]:
         return []
     found = []
     for entry in model_dir.iterdir():
-        if entry.name.isdigit() and entry.is_dir() and int(entry.name) > 0:
-            found.append(int(entry.name))
+        number = version_number(entry.name)
+        if number is not None and entry.is_dir():
+            found.append(number)
     return sorted(found)
 
 

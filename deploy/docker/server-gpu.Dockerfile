@@ -28,6 +28,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt constraints-gpu-image.txt ./
 COPY scripts/install-deps.sh scripts/
+COPY contract/ contract/
 COPY service/ service/
 # .[serving] with every version from constraints.txt but onnxruntime-gpu's
 # (tests/deploy/test_image_installs.py replays this line and serves from it).

@@ -15,6 +15,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY scripts/install-deps.sh scripts/
+COPY contract/ contract/
 COPY service/ service/
 # .[serving-cpu] with every version from constraints.txt: the CPU-only onnxruntime at the version
 # the tests run (tests/deploy/test_image_installs.py replays this line and serves from it).

@@ -16,6 +16,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY scripts/install-deps.sh scripts/
+COPY contract/ contract/
 COPY training/ training/
 # .[training] with every version from constraints.txt. PyPI's torch for Linux x86_64 is the CUDA
 # build: it pulls several GB of nvidia-* wheels. For a CPU-only image (roughly 4 GB smaller):
