@@ -5,6 +5,7 @@
     python -m service.client classify digit.png cat.jpg [--top-k 3] [--model mnist_cnn] [--json]
     python -m service.client infer --random 4 [--classification 3]  # raw tensor via ModelInfer
     python -m service.client infer --input batch.npy [--output logits.npy]
+    python -m service.client explain digit.png [--target 7] [--patch 7 --stride 2] [--json]
 
 `--address` defaults to $CONVSERVE_ADDRESS, else 127.0.0.1:8001. Exit status: 0 on success,
 1 when the server answers with an error or cannot be reached, 2 on bad usage.
@@ -98,6 +99,54 @@ def classify(channel: grpc.Channel, args: argparse.Namespace) -> int:
     for path, result in zip(args.images, response.results, strict=True):
         ranked = ", ".join(f"{c.label} ({c.score:.4f})" for c in result.classes)
         print(f"{path}: {ranked}")
+    return 0
+
+
+SHADES = " .:-=+*#%@"
+"""Characters from no drop to the largest: the text heatmap of `explain`."""
+
+
+def explain(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    """Which regions of an image the model's decision rests on (occlusion sensitivity)."""
+    import numpy as np
+
+    from service._proto import classification_pb2, classification_pb2_grpc
+
+    request = classification_pb2.ExplainRequest(
+        image=Path(args.image).read_bytes(),
+        model_name=args.model,
+        model_version=args.version,
+        patch=args.patch,
+        stride=args.stride,
+        fill=args.fill,
+    )
+    if args.target is not None:
+        request.target = args.target
+    stub = classification_pb2_grpc.ImageClassificationStub(channel)
+    reply = stub.Explain(request, timeout=args.timeout)
+    pixels = np.asarray(reply.pixel_drops, dtype=np.float32).reshape(reply.height, reply.width)
+    if args.json:
+        print(json.dumps({
+            "model": reply.model_name, "version": reply.model_version,
+            "classes": [{"label": c.label, "index": c.index, "score": c.score}
+                        for c in reply.classes],
+            "target": {"label": reply.target.label, "index": reply.target.index,
+                       "score": reply.target.score},
+            "patch": reply.patch, "rows": reply.rows, "columns": reply.columns,
+            "drops": list(reply.drops), "pixel_drops": pixels.tolist(),
+        }))  # fmt: skip
+        return 0
+    best = ", ".join(f"{c.label} {c.score:.3f}" for c in reply.classes)
+    print(f"{args.image}: {best}  ({reply.model_name} v{reply.model_version})")
+    print(
+        f"why {reply.target.label!r} ({reply.target.score:.3f}): the probability it loses when a "
+        f"{reply.patch}x{reply.patch} patch hides each region ('@' = most, ' ' = none):"
+    )
+    peak = float(np.nanmax(np.abs(pixels))) or 1.0
+    for row in np.clip(np.nan_to_num(pixels) / peak, 0, 1):
+        print("  " + "".join(SHADES[round(v * (len(SHADES) - 1))] * 2 for v in row))
+    largest = float(np.max(reply.drops))
+    print(f"largest drop {largest:.3f} over {reply.rows}x{reply.columns} patch positions")
     return 0
 
 
@@ -248,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--classification", type=int, default=0, help="ask for the top-k strings")
     sub.add_argument("--output", type=Path, help="save the output tensor to this .npy file")
     sub.set_defaults(run=infer)
+
+    sub = commands.add_parser(
+        "explain", parents=[common], help="which regions of an image the decision rests on"
+    )
+    sub.add_argument("image", help="image file (PNG, JPEG, ...)")
+    sub.add_argument("--model", default="", help="model name (default: the server's default)")
+    sub.add_argument("--version", default="", help="model version (default: the newest ready)")
+    sub.add_argument("--target", type=int, help="class index to explain (default: the predicted)")
+    sub.add_argument("--patch", type=int, default=0, help="patch side in pixels (default: side/4)")
+    sub.add_argument("--stride", type=int, default=0, help="patch step in pixels (default: 2)")
+    sub.add_argument(
+        "--fill", type=int, nargs="*", default=[], help="patch pixel value(s) (default: 0)"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.set_defaults(run=explain)
     return parser
 
 

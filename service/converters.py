@@ -18,6 +18,7 @@ import numpy as np
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
 from service.errors import InvalidInput, client_text
+from service.explain import Explanation
 from service.repository import ModelSpec
 from service.results import ScoredClass, top_k
 
@@ -299,6 +300,34 @@ def model_metadata(
             tensor(name=spec.preprocessing.output_name, datatype="FP32", shape=output_shape(spec))
         ],
     )
+
+
+def explain_response(spec: ModelSpec, explanation: Explanation) -> cls_pb2.ExplainResponse:
+    """The Explain answer: the unoccluded classes, the class explained, the drop per patch
+    position and per pixel."""
+    occlusion = explanation.occlusion
+    probabilities = occlusion.probabilities[np.newaxis]
+    (best,) = top_k(probabilities, min(5, len(spec.labels)), spec.labels)
+    target = occlusion.target
+    response = cls_pb2.ExplainResponse(
+        model_name=spec.name,
+        model_version=str(spec.version),
+        target=cls_pb2.ScoredClass(
+            label=spec.labels[target], index=target, score=float(occlusion.probabilities[target])
+        ),
+        rows=len(occlusion.tops),
+        columns=len(occlusion.lefts),
+        tops=occlusion.tops.tolist(),
+        lefts=occlusion.lefts.tolist(),
+        patch=occlusion.patch,
+        drops=occlusion.drops.ravel().tolist(),
+        height=occlusion.height,
+        width=occlusion.width,
+        pixel_drops=explanation.pixel_drops.ravel().tolist(),
+    )
+    for scored in best:
+        response.classes.add(label=scored.label, index=scored.index, score=scored.score)
+    return response
 
 
 def classify_response(

@@ -35,7 +35,7 @@ LATENCY_BUCKETS_S = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-INFERENCE_RPCS = ("ModelInfer", "Classify")
+INFERENCE_RPCS = ("ModelInfer", "Classify", "Explain")
 OK = "OK"
 # Codes whose series exist from a model's load on, at 0, so that a refusal ratio or a refusal
 # panel has data (a rate of 0, not "no data") before the first refusal happens.

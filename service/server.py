@@ -40,6 +40,7 @@ from service.auth import TokenAuthInterceptor, read_tokens
 from service.batcher import Batcher, RunBatch
 from service.classify import Classifier
 from service.errors import ConfigurationError
+from service.explain import Explainer
 from service.handlers import add_servicer
 from service.health import SERVICE_NAME as HEALTH_SERVICE
 from service.health import HealthService
@@ -161,8 +162,9 @@ class InferenceServer:
             version=package_version(),
         )
         add_servicer(server, inference, INFERENCE_SERVICE, self.metrics)
+        explainer = Explainer(classifier, s.max_explain_positions)
         classification = ClassificationServicer(
-            self.models, self.metrics, classifier, self.admission
+            self.models, self.metrics, classifier, self.admission, explainer
         )
         add_servicer(server, classification, CLASSIFICATION_SERVICE, self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

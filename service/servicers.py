@@ -23,6 +23,7 @@ from service.admission import Admission
 from service.batcher import RequestTiming
 from service.classify import Classifier
 from service.errors import InvalidInput, ModelNotReady, NotImplementedRpc, client_text
+from service.explain import Explainer
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelManager
 from service.status import Call
@@ -223,7 +224,7 @@ class UnknownInferenceMethods(grpc.GenericRpcHandler):
 
 
 class ClassificationServicer(cls_grpc.ImageClassificationServicer):
-    """convserve.v1.ImageClassification: encoded images in, top-k labels out."""
+    """convserve.v1.ImageClassification: encoded images in, top-k labels out; and why."""
 
     def __init__(
         self,
@@ -231,11 +232,13 @@ class ClassificationServicer(cls_grpc.ImageClassificationServicer):
         metrics: Metrics,
         classifier: Classifier,
         admission: Admission,
+        explainer: Explainer,
     ) -> None:
         self._models = models
         self._metrics = metrics
         self._classifier = classifier
         self._admission = admission
+        self._explainer = explainer
 
     async def Classify(self, request: cls_pb2.ClassifyRequest, context: Context) -> Any:
         async with Call("Classify", context, self._metrics, self._admission) as call:
@@ -247,3 +250,18 @@ class ClassificationServicer(cls_grpc.ImageClassificationServicer):
                 )
                 model.metrics.statistics.computed(timing)
                 return converters.classify_response(model.spec, results)
+
+    async def Explain(self, request: cls_pb2.ExplainRequest, context: Context) -> Any:
+        async with Call("Explain", context, self._metrics, self._admission) as call:
+            with self._models.lease(request.model_name, request.model_version) as model:
+                call.bind(model.metrics)
+                explanation = await self._explainer.explain(
+                    model,
+                    request.image,
+                    target=request.target if request.HasField("target") else None,
+                    patch=request.patch,
+                    stride=request.stride,
+                    fill=list(request.fill),
+                    deadline=call.deadline(),
+                )
+                return converters.explain_response(model.spec, explanation)

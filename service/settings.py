@@ -234,6 +234,13 @@ class Settings:
     max_top_k: int = field(
         default=100, metadata=_doc("largest top_k (Classify) or classification count accepted")
     )
+    max_explain_positions: int = field(
+        default=1024,
+        metadata=_doc(
+            "most patch positions one Explain call may ask for (each is one image through the "
+            "model); more is refused with INVALID_ARGUMENT"
+        ),
+    )
     decode_threads: int = field(
         default=2, metadata=_doc("threads decoding and resizing images for Classify")
     )
@@ -248,6 +255,7 @@ class Settings:
         positive = (
             "max_batch_size", "max_concurrent_batches", "queue_capacity", "max_message_bytes",
             "max_image_bytes", "max_image_pixels", "max_top_k", "decode_threads",
+            "max_explain_positions",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#service/_proto/classification.proto\x12\x0c\x63onvserve.v1\"[\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\":\n\x0bScoredClass\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"<\n\x0e\x43lassification\x12*\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x19.convserve.v1.ScoredClass\"l\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification2b\n\x13ImageClassification\x12K\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#service/_proto/classification.proto\x12\x0c\x63onvserve.v1\"[\n\x0f\x43lassifyRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\":\n\x0bScoredClass\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"<\n\x0e\x43lassification\x12*\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x19.convserve.v1.ScoredClass\"l\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\x97\x01\n\x0e\x45xplainRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x13\n\x06target\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05patch\x18\x05 \x01(\r\x12\x0e\n\x06stride\x18\x06 \x01(\r\x12\x0c\n\x04\x66ill\x18\x07 \x03(\rB\t\n\x07_target\"\xa1\x02\n\x0f\x45xplainResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x19.convserve.v1.ScoredClass\x12)\n\x06target\x18\x04 \x01(\x0b\x32\x19.convserve.v1.ScoredClass\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x06 \x01(\r\x12\x0c\n\x04tops\x18\x07 \x03(\r\x12\r\n\x05lefts\x18\x08 \x03(\r\x12\r\n\x05patch\x18\t \x01(\r\x12\r\n\x05\x64rops\x18\n \x03(\x02\x12\x0e\n\x06height\x18\x0b \x01(\r\x12\r\n\x05width\x18\x0c \x01(\r\x12\x13\n\x0bpixel_drops\x18\r \x03(\x02\x32\xac\x01\n\x13ImageClassification\x12K\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\"\x00\x12H\n\x07\x45xplain\x12\x1c.convserve.v1.ExplainRequest\x1a\x1d.convserve.v1.ExplainResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_end=266
   _globals['_CLASSIFYRESPONSE']._serialized_start=268
   _globals['_CLASSIFYRESPONSE']._serialized_end=376
-  _globals['_IMAGECLASSIFICATION']._serialized_start=378
-  _globals['_IMAGECLASSIFICATION']._serialized_end=476
+  _globals['_EXPLAINREQUEST']._serialized_start=379
+  _globals['_EXPLAINREQUEST']._serialized_end=530
+  _globals['_EXPLAINRESPONSE']._serialized_start=533
+  _globals['_EXPLAINRESPONSE']._serialized_end=822
+  _globals['_IMAGECLASSIFICATION']._serialized_start=825
+  _globals['_IMAGECLASSIFICATION']._serialized_end=997
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class ClassifyRequest(_message.Message):
     model_name: _builtins.str
     """The model to use; empty means the server's default model (or its only model)."""
     model_version: _builtins.str
-    """The version to use; empty means the loaded (latest or pinned) version."""
+    """The version to use; empty means the newest ready version."""
     top_k: _builtins.int
     """How many classes to return per image, best first; 0 means 5. Capped at the model's number
     of classes; values above the server's max_top_k are refused.
@@ -142,3 +142,130 @@ class ClassifyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015
+
+@_typing.final
+class ExplainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    PATCH_FIELD_NUMBER: _builtins.int
+    STRIDE_FIELD_NUMBER: _builtins.int
+    FILL_FIELD_NUMBER: _builtins.int
+    image: _builtins.bytes
+    """The encoded image (PNG, JPEG, ...)."""
+    model_name: _builtins.str
+    """The model to use; empty means the server's default model (or its only model)."""
+    model_version: _builtins.str
+    """The version to use; empty means the newest ready version."""
+    target: _builtins.int
+    """The class explained, by index; unset means the predicted class."""
+    patch: _builtins.int
+    """Side of the square hidden, in pixels of the model input; 0 means a quarter of the shorter
+    side (7 for 28x28 digits).
+    """
+    stride: _builtins.int
+    """Step between patch positions, in pixels; 0 means 2."""
+    @_builtins.property
+    def fill(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The pixel value painted into the patch, one per channel; empty means the background of
+        white-on-black digits (0); for photos send the data set's mean.
+        """
+
+    def __init__(
+        self,
+        *,
+        image: _builtins.bytes = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        target: _builtins.int | None = ...,
+        patch: _builtins.int = ...,
+        stride: _builtins.int = ...,
+        fill: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_target", b"_target", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_target", b"_target", "fill", b"fill", "image", b"image", "model_name", b"model_name", "model_version", b"model_version", "patch", b"patch", "stride", b"stride", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__target: _TypeAlias = _typing.Literal["target"]  # noqa: Y015
+    _WhichOneofArgType__target: _TypeAlias = _typing.Literal["_target", b"_target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target) -> _WhichOneofReturnType__target | None: ...
+
+Global___ExplainRequest: _TypeAlias = ExplainRequest  # noqa: Y015
+
+@_typing.final
+class ExplainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    TOPS_FIELD_NUMBER: _builtins.int
+    LEFTS_FIELD_NUMBER: _builtins.int
+    PATCH_FIELD_NUMBER: _builtins.int
+    DROPS_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    PIXEL_DROPS_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """The model that answered."""
+    model_version: _builtins.str
+    """The version that answered."""
+    rows: _builtins.int
+    """The patch positions: `rows` x `columns`, top-left corners at `tops` x `lefts`."""
+    columns: _builtins.int
+    patch: _builtins.int
+    height: _builtins.int
+    """Row-major [height, width] of the model input: each pixel's mean drop over the patches that
+    cover it, for an overlay.
+    """
+    width: _builtins.int
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredClass]:
+        """The classes of the unoccluded image, best first (the top 5)."""
+
+    @_builtins.property
+    def target(self) -> Global___ScoredClass:
+        """The class explained."""
+
+    @_builtins.property
+    def tops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def lefts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def drops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Row-major [rows, columns]: how much of the class's probability hiding the patch there took
+        away (in [-1, 1]; large: the decision rests on that region; negative: it spoke against it).
+        """
+
+    @_builtins.property
+    def pixel_drops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        classes: _abc.Iterable[Global___ScoredClass] | None = ...,
+        target: Global___ScoredClass | None = ...,
+        rows: _builtins.int = ...,
+        columns: _builtins.int = ...,
+        tops: _abc.Iterable[_builtins.int] | None = ...,
+        lefts: _abc.Iterable[_builtins.int] | None = ...,
+        patch: _builtins.int = ...,
+        drops: _abc.Iterable[_builtins.float] | None = ...,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+        pixel_drops: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "columns", b"columns", "drops", b"drops", "height", b"height", "lefts", b"lefts", "model_name", b"model_name", "model_version", b"model_version", "patch", b"patch", "pixel_drops", b"pixel_drops", "rows", b"rows", "target", b"target", "tops", b"tops", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainResponse: _TypeAlias = ExplainResponse  # noqa: Y015

@@ -39,6 +39,11 @@ class ImageClassificationStub:
                 request_serializer=service_dot___proto_dot_classification__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=service_dot___proto_dot_classification__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/convserve.v1.ImageClassification/Explain',
+                request_serializer=service_dot___proto_dot_classification__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_classification__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class ImageClassificationServicer:
@@ -51,6 +56,14 @@ class ImageClassificationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Explains one image's classification: which regions the decision rests on (occlusion
+        sensitivity, computed as the training report computes it; docs/service.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageClassificationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_ImageClassificationServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=service_dot___proto_dot_classification__pb2.ClassifyRequest.FromString,
                     response_serializer=service_dot___proto_dot_classification__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=service_dot___proto_dot_classification__pb2.ExplainRequest.FromString,
+                    response_serializer=service_dot___proto_dot_classification__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class ImageClassification:
             '/convserve.v1.ImageClassification/Classify',
             service_dot___proto_dot_classification__pb2.ClassifyRequest.SerializeToString,
             service_dot___proto_dot_classification__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.ImageClassification/Explain',
+            service_dot___proto_dot_classification__pb2.ExplainRequest.SerializeToString,
+            service_dot___proto_dot_classification__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,

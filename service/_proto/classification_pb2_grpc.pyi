@@ -38,12 +38,20 @@ class ImageClassificationStub:
     def __new__(cls, channel: _aio.Channel) -> ImageClassificationAsyncStub: ...
     Classify: _grpc.UnaryUnaryMultiCallable[_classification_pb2.ClassifyRequest, _classification_pb2.ClassifyResponse]
     """Classifies one or more encoded images with one model."""
+    Explain: _grpc.UnaryUnaryMultiCallable[_classification_pb2.ExplainRequest, _classification_pb2.ExplainResponse]
+    """Explains one image's classification: which regions the decision rests on (occlusion
+    sensitivity, computed as the training report computes it; docs/service.md).
+    """
 
 @_typing.type_check_only
 class ImageClassificationAsyncStub(ImageClassificationStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Classify: _aio.UnaryUnaryMultiCallable[_classification_pb2.ClassifyRequest, _classification_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Classifies one or more encoded images with one model."""
+    Explain: _aio.UnaryUnaryMultiCallable[_classification_pb2.ExplainRequest, _classification_pb2.ExplainResponse]  # type: ignore[assignment]
+    """Explains one image's classification: which regions the decision rests on (occlusion
+    sensitivity, computed as the training report computes it; docs/service.md).
+    """
 
 class ImageClassificationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -53,5 +61,15 @@ class ImageClassificationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_classification_pb2.ClassifyResponse, _abc.Awaitable[_classification_pb2.ClassifyResponse]]:
         """Classifies one or more encoded images with one model."""
+
+    @_abc_1.abstractmethod
+    def Explain(
+        self,
+        request: _classification_pb2.ExplainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_classification_pb2.ExplainResponse, _abc.Awaitable[_classification_pb2.ExplainResponse]]:
+        """Explains one image's classification: which regions the decision rests on (occlusion
+        sensitivity, computed as the training report computes it; docs/service.md).
+        """
 
 def add_ImageClassificationServicer_to_server(servicer: ImageClassificationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
