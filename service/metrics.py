@@ -177,8 +177,8 @@ class Metrics:
     def version_loaded(self, model: str, version: int | None, ok: bool) -> None:
         self._lifecycle_children(model)
         self.lifecycle_events.labels(model, "load", "ok" if ok else "failed").inc()
-        if not ok:  # a failed version shows in convserve_model_ready as 0
-            self.model_ready.labels(model, "none" if version is None else str(version)).set(0)
+        if not ok and version is not None:  # a failed version shows in model_ready as 0
+            self.model_ready.labels(model, str(version)).set(0)
 
     def version_unloaded(self, model: str) -> None:
         self._lifecycle_children(model)

@@ -296,6 +296,8 @@ class ModelManager:
                 if self._observer is not None:
                     self._observer.version_loaded(name, None, ok=False)
             record.problem = entry.problem  # the versions already serving go on serving
+            if self._observer is not None:
+                self._observer.versions_ready(name, len(record.ready()))
             return record
         record.problem = ""
         for version_dir in entry.version_dirs:
@@ -480,7 +482,9 @@ class ModelManager:
                 raise ModelNotReady(f"model {record.name} is being unloaded")
             why = self._why_not_ready(record, brief=True)  # paths, ORT's text: in the log
             raise ModelNotFound(f"model {record.name} has no ready version: {why}")
-        number = int(version) if version.isascii() and version.isdigit() else None
+        # The canonical decimal only: "01" names no version (as "1.0" or " 1" do not).
+        canonical = version.isascii() and version.isdigit() and str(int(version)) == version
+        number = int(version) if canonical else None
         served = record.versions.get(number) if number is not None else None
         if served is None:
             raise ModelNotFound(

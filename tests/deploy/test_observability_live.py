@@ -118,7 +118,25 @@ def test_refusal_series_exist_at_zero_before_any_refusal(stack: Stack) -> None:
     selector = f'convserve_requests_total{{model="tiny", code=~"{"|".join(refusals)}"}}'
     result = prometheus_query(stack.prometheus.url, selector)["data"]["result"]
     series = {(r["metric"]["rpc"], r["metric"]["code"]): float(r["value"][1]) for r in result}
-    assert series == {(rpc, code): 0.0 for rpc in ("ModelInfer", "Classify") for code in refusals}
+    rpcs = ("ModelInfer", "Classify", "Explain")
+    assert series == {(rpc, code): 0.0 for rpc in rpcs for code in refusals}
+
+
+def test_lifecycle_series_exist_at_zero_before_any_failure(stack: Stack) -> None:
+    """So the "Model lifecycle" panels and ConvserveModelLoadFailed see an increase of 0, not
+    "no data", and a later failed load as an increase: one load of version 1, the rest 0."""
+    url = stack.prometheus.url
+    result = prometheus_query(url, 'convserve_model_lifecycle_events_total{model="tiny"}')
+    events = {
+        (r["metric"]["event"], r["metric"]["outcome"]): float(r["value"][1])
+        for r in result["data"]["result"]
+    }
+    zero = {(event, outcome): 0.0 for event in ("load", "unload") for outcome in ("ok", "failed")}
+    assert events == {**zero, ("load", "ok"): 1.0}
+    assert stack.scalar('convserve_model_versions_ready{model="tiny"}') == 1
+    result = prometheus_query(url, "convserve_repository_polls_total")
+    polls = {r["metric"]["outcome"]: float(r["value"][1]) for r in result["data"]["result"]}
+    assert set(polls) == {"ok", "failed"} and polls["failed"] == 0
 
 
 def test_ready_servers_stat_reads_one_ready_and_none_down(stack: Stack) -> None:
