@@ -310,7 +310,10 @@ class ModelManager:
                 found = entry.version_dir(number)
                 assert found is not None
                 await self._load_version(record, found, batching)
-        wanted = policy.select(self._servable(record, entry))
+        # Which ready versions stay: the policy applied to the versions ready now (and still
+        # on disk), so a version that is not ready never pushes out one that is.
+        ready = [v.number for v in record.ready() if v.number in self._servable(record, entry)]
+        wanted = policy.select(ready)
         for number, version in sorted(record.versions.items()):
             if version.state is VersionState.READY and number not in wanted:
                 why = (

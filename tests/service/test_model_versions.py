@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ import pytest
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.errors import ModelLoadError
-from service.policy import VersionPolicy, parse_model_config
+from service.models import LoadedModel, ModelManager
+from service.policy import Batching, VersionPolicy, parse_model_config
+from service.repository import ModelRepository, VersionDir
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import RunningServer, StartServer, random_images
 from tests.service.gates import BatchGate, wait_until
@@ -354,3 +357,63 @@ def test_version_policies_choose_among_the_versions_that_can_serve() -> None:
     ):
         with pytest.raises(ModelLoadError, match=message.replace("(", r"\(")):
             parse_model_config(raw, "m/config.json")
+
+
+class FakeVersion:
+    """What the manager needs of a loaded version, without a session (routing tests)."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.leases = 0
+        self.closed = False
+        self.metrics = self
+
+    def set_ready(self, ready: bool) -> None:
+        pass
+
+    def acquire(self) -> None:
+        self.leases += 1
+
+    def release(self) -> None:
+        self.leases -= 1
+
+    async def retire(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_version_still_being_written_is_not_served_until_complete(tmp_path: Path) -> None:
+    write_version(tmp_path, "tiny", 1, SPECS[1])
+    (tmp_path / "tiny" / "2").mkdir()  # a copy under way: no model.onnx yet
+    loaded: list[FakeVersion] = []
+    copying = {"2": True}
+
+    async def loader(name: str, version_dir: VersionDir, batching: Batching) -> LoadedModel:
+        version = FakeVersion(version_dir.number)
+        loaded.append(version)
+        if version_dir.number == 2 and copying["2"]:  # the copy goes on while it loads
+            (version_dir.path / "labels.txt").write_text("still\ncopying\n")
+        return typing.cast(LoadedModel, version)
+
+    manager = ModelManager(ModelRepository(tmp_path), loader, mode="poll")
+    await manager.start()
+    rows = {(r.version): (r.state, r.reason) for r in await manager.index()}
+    assert rows["2"] == (
+        "UNAVAILABLE",
+        "no model.onnx (incomplete: publish by renaming a finished directory)",
+    )
+    write_version(tmp_path / "staging", "tiny", 2, SPECS[2])
+    (tmp_path / "staging" / "tiny" / "2" / "model.onnx").rename(tmp_path / "tiny/2/model.onnx")
+    await manager.sync()  # model.onnx is there, but the files change during the load
+    rows = {(r.version): (r.state, r.reason) for r in await manager.index()}
+    assert rows["2"] == (
+        "UNAVAILABLE",
+        "its files changed while it loaded (still being copied?); retried",
+    )
+    assert loaded[-1].closed and typing.cast(FakeVersion, manager.resolve("tiny")).number == 1
+    copying["2"] = False  # the copy is over
+    await manager.sync()
+    assert typing.cast(FakeVersion, manager.resolve("tiny")).number == 2
+    assert [v.number for v in loaded] == [1, 2, 2] and loaded[0].closed  # 1 left the policy
