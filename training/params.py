@@ -16,6 +16,8 @@ from torch import nn
 
 from training.model import ConvNet
 
+PARAMETER_SECTION = "## Parameter arithmetic"
+
 
 @dataclass(frozen=True)
 class LayerCost:
@@ -90,7 +92,7 @@ def parameter_markdown(network: ConvNet) -> list[str]:
     total = sum(p.numel() for p in network.parameters())
     input_shape = (config.in_channels, config.image_size, config.image_size)
     inputs = math.prod(input_shape)
-    lines = ["## Parameter arithmetic", ""]
+    lines = [PARAMETER_SECTION, ""]
     lines += [
         "| layer | kind | input | output | parameters | one dense layer, same input to same "
         "width |",

@@ -1,7 +1,8 @@
 """From a trained module to a new version in the model repository, in one staging directory.
 
 Order: export -> checker and parity (batch 1 and 8) -> test accuracy of the *exported* file
-through ONNX Runtime -> metadata embedded -> labels.txt, metadata.json, report/ -> one rename
+through ONNX Runtime -> metadata embedded -> labels.txt, metadata.json, report/ (index.md, its
+figures, and index.html, the same as one self-contained page) -> one rename
 to the next version. Any failure leaves no version behind (the staging directory is removed).
 """
 
@@ -27,6 +28,7 @@ from training.export import (
 )
 from training.model import ImageClassifier
 from training.onnx_eval import Evaluation, evaluate_onnx
+from training.page import write_version_page
 from training.preprocessing import preprocessing_metadata
 from training.repository import check_model_name, publish, staging_directory
 
@@ -136,6 +138,9 @@ def publish_classifier(
             )
         if write_extra is not None:
             write_extra(staging, onnx_path)
+        if write_report:
+            # Last, so that the page also holds what write_extra added (compare/).
+            write_version_page(staging)
         version, path = _publish(staging, onnx_path, dataset.classes, metadata)
     return PublishedVersion(version, path, evaluation.accuracy, evaluation)
 

@@ -1,42 +1,45 @@
-"""The report written next to each version: ``<version>/report/index.md`` and its PNG figures.
+"""The report written next to each version: ``<version>/report/index.md``, its PNG figures and
+``index.html``, the same as one self-contained page (:mod:`training.page`).
 
-Figures: loss and accuracy curves, the confusion matrix of the test split (ONNX Runtime), the
-first layer's filters, the feature maps of one test image after every block, and the occlusion
-maps of a few test images, right and wrong, computed on the exported model through ONNX Runtime
-(see :mod:`training.occlusion`). ``index.md`` adds per-class accuracy, the occlusion settings and
-the parameter arithmetic (see :mod:`training.params`).
+It teaches by showing the trained network: loss and accuracy curves; the test split through the
+exported model (ONNX Runtime): accuracy, per-class accuracy, the confusion matrix and a gallery
+of the mistakes with their top-2 probabilities; the first layer's filters; the feature maps of
+one test image after every block; the occlusion maps of a few test images, right and wrong
+(see :mod:`training.occlusion`); and the parameter arithmetic (see :mod:`training.params`).
+Each section says in words how to read its figure.
 
-Matplotlib is used through ``Figure`` + the Agg canvas only: no pyplot state, no display.
+The figures are drawn by :mod:`training.report_figures`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
+from training.compare.probes import Mistake, mistakes
 from training.model import ImageClassifier
-from training.occlusion import (
-    Occlusion,
-    count_positions,
-    occlusion_map,
-    typical_fill,
-)
+from training.occlusion import Occlusion, count_positions, occlusion_map, typical_fill
 from training.onnx_eval import Evaluation, onnx_logits, onnx_session
-from training.params import parameter_markdown
+from training.params import PARAMETER_SECTION, parameter_markdown
+from training.report_figures import (
+    plot_confusion,
+    plot_curves,
+    plot_feature_maps,
+    plot_filters,
+    plot_mistakes,
+    plot_occlusion,
+)
 
 logger = logging.getLogger(__name__)
 
 FIGURES = (
     "curves.png",
     "confusion_matrix.png",
+    "mistakes.png",
     "filters.png",
     "feature_maps.png",
     "occlusion.png",
@@ -44,98 +47,33 @@ FIGURES = (
 
 OCCLUSION_SECTION = "## What the network looked at: occlusion sensitivity"
 
+SECTIONS = (
+    "## Curves",
+    "## Test split (the exported model, ONNX Runtime)",
+    "## The mistakes",
+    "## The first layer's filters",
+    "## Feature maps: one test image through every block",
+    OCCLUSION_SECTION,
+    PARAMETER_SECTION,
+)
+"""The report's sections, in order."""
+
+INTRODUCTION = (
+    "A dense layer gives every pixel a weight of its own for every unit, so it must learn a "
+    "pattern again at each position. A convolutional network slides a few small filters over "
+    "the image instead, the same weights everywhere, pools to make the picture smaller and "
+    "the view of each unit wider, builds up from edges and strokes to larger shapes, and "
+    "leaves the decision to a few dense layers at the end. The sections below show this "
+    "trained network doing it: how it learned, how well it does on images it never saw, "
+    "where it fails, what its filters and feature maps look like, which regions of an image "
+    "its decision rests on, and what the weight sharing saves in parameters."
+)
+
 OCCLUSION_IMAGES = 4
 """Test images explained of each kind: correctly classified, then misclassified."""
 
-
-def save_figure(figure: Figure, path: Path) -> None:
-    FigureCanvasAgg(figure)
-    figure.savefig(str(path), dpi=100, bbox_inches="tight")
-
-
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    epochs = [row["epoch"] for row in history]
-    figure = Figure(figsize=(10, 4))
-    for axis, metric in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
-        axis.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
-        axis.plot(epochs, [r[f"val_{metric}"] for r in history], "o-", label="validation")
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_ylabel(metric)
-        axis.set_title(f"{metric} per epoch")
-        axis.grid(alpha=0.3)
-        axis.legend()
-    save_figure(figure, path)
-
-
-def plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:
-    size = max(5.0, 0.5 * len(classes) + 2)
-    figure = Figure(figsize=(size, size))
-    axis = figure.subplots()
-    image = axis.imshow(confusion, cmap="Blues")
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    ticks = range(len(classes))
-    axis.set_xticks(ticks, classes, rotation=90 if len(classes) > 10 else 0)
-    axis.set_yticks(ticks, classes)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    axis.set_title("confusion matrix, test split (ONNX Runtime)")
-    if len(classes) <= 20:
-        threshold = confusion.max() / 2
-        for (row, column), count in np.ndenumerate(confusion):
-            color = "white" if count > threshold else "black"
-            axis.text(column, row, str(count), ha="center", va="center", color=color, fontsize=8)
-    save_figure(figure, path)
-
-
-def plot_filters(weight: torch.Tensor, path: Path) -> None:
-    """First-layer kernels ``[out, in, k, k]``: grayscale, or RGB when the input has 3 channels."""
-    kernels = weight.detach().cpu().numpy()
-    count = len(kernels)
-    columns = min(8, count)
-    rows = -(-count // columns)
-    figure = Figure(figsize=(columns * 1.2, rows * 1.2 + 0.6))
-    axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
-    for axis in axes:
-        axis.axis("off")
-    for axis, kernel in zip(axes, kernels, strict=False):
-        low, high = kernel.min(), kernel.max()
-        scaled = (kernel - low) / (high - low + 1e-12)
-        if scaled.shape[0] == 3:
-            axis.imshow(scaled.transpose(1, 2, 0), interpolation="nearest")
-        else:
-            axis.imshow(scaled[0], cmap="gray", interpolation="nearest")
-    figure.suptitle(
-        f"first-layer filters ({count} x {kernels.shape[1]}x{kernels.shape[2]}x{kernels.shape[3]})"
-    )
-    save_figure(figure, path)
-
-
-def plot_feature_maps(
-    classifier: ImageClassifier, image: np.ndarray, caption: str, path: Path, channels: int = 8
-) -> None:
-    """One image ``[C, H, W]`` and the first ``channels`` maps after each conv block."""
-    module = copy.deepcopy(classifier).cpu().eval()
-    with torch.inference_mode():
-        normalised = module.normalise(torch.from_numpy(image[np.newaxis]))
-        maps = module.convnet.feature_maps(normalised)
-    figure = Figure(figsize=(channels * 1.3, (len(maps) + 1) * 1.4 + 0.4))
-    axes = figure.subplots(len(maps) + 1, channels, squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    picture = image.transpose(1, 2, 0)
-    axes[0, 0].imshow(picture[..., 0] if image.shape[0] == 1 else picture, cmap="gray")
-    axes[0, 0].set_title(caption, fontsize=8)
-    for row, feature in enumerate(maps, start=1):
-        values = feature[0].numpy()
-        for column in range(min(channels, len(values))):
-            axes[row, column].imshow(values[column], cmap="viridis")
-        axes[row, 0].set_title(
-            f"block {row}: {values.shape[0]}x{values.shape[1]}x{values.shape[2]}",
-            fontsize=8,
-            loc="left",
-        )
-    save_figure(figure, path)
+MISTAKES_LISTED = 50
+"""Misclassified test images listed in the table (the figure shows the first 32)."""
 
 
 def pick_explained(
@@ -165,54 +103,6 @@ def explain_with_onnx(
         return onnx_logits(session, batch)
 
     return [occlusion_map(predict, image, fill=fill) for image in images]
-
-
-def plot_occlusion(
-    images: np.ndarray,
-    labels: np.ndarray,
-    occlusions: list[Occlusion],
-    right: int,
-    classes: list[str],
-    path: Path,
-) -> None:
-    """Each image with its pixel map over it; the first ``right`` (correct ones) in a row."""
-    kinds = [("correct", occlusions[:right]), ("misclassified", occlusions[right:])]
-    rows = [(name, items) for name, items in kinds if items]
-    columns = max(len(items) for _, items in rows)
-    maps = [occlusion.pixels() for occlusion in occlusions]
-    scale = max(float(np.nanmax(np.abs(m))) for m in maps) or 1.0
-    figure = Figure(figsize=(columns * 2.2 + 1.0, len(rows) * 2.5 + 0.8))
-    axes = figure.subplots(len(rows), columns, squeeze=False)
-    shown = None
-    start = 0
-    for row, (name, items) in enumerate(rows):
-        for column, occlusion in enumerate(items):
-            index = start + column
-            axis = axes[row, column]
-            picture = images[index].transpose(1, 2, 0)
-            axis.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray")
-            # Opacity follows the size of the drop, so where nothing mattered the digit shows.
-            opacity = 0.85 * np.sqrt(np.nan_to_num(np.abs(maps[index]) / scale))
-            shown = axis.imshow(maps[index], cmap="RdBu_r", vmin=-scale, vmax=scale, alpha=opacity)
-            axis.set_title(
-                f"{name}: true {classes[int(labels[index])]}, "
-                f"predicted {classes[occlusion.predicted]}\n"
-                f"p={occlusion.probabilities[occlusion.target]:.2f}, "
-                f"largest drop {float(occlusion.drops.max()):.2f}",
-                fontsize=7,
-            )
-        start += len(items)
-    for axis in axes.ravel():
-        axis.axis("off")
-    if shown is not None:
-        figure.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.03, label="probability drop")
-    first = occlusions[0]
-    figure.suptitle(
-        f"occlusion sensitivity of the predicted class (ONNX Runtime): patch {first.patch} px, "
-        f"stride {first.stride} px, fill {', '.join(map(str, first.fill))}",
-        fontsize=9,
-    )
-    save_figure(figure, path)
 
 
 def occlusion_section(
@@ -266,6 +156,112 @@ def occlusion_section(
     return [*lines, ""]
 
 
+def _most_confused(confusion: np.ndarray, classes: list[str]) -> str:
+    off_diagonal = confusion - np.diag(np.diag(confusion))
+    if not off_diagonal.any():
+        return "Every test image is on the diagonal: no class was mistaken for another."
+    true, predicted = np.unravel_index(int(off_diagonal.argmax()), off_diagonal.shape)
+    return (
+        f"The most frequent confusion here: {int(off_diagonal[true, predicted])} test images of "
+        f"class {classes[int(true)]} predicted as {classes[int(predicted)]}."
+    )
+
+
+def accuracy_section(evaluation: Evaluation, classes: list[str]) -> list[str]:
+    lines = [SECTIONS[1], ""]
+    lines += [
+        f"Accuracy **{evaluation.accuracy:.4f}** on {len(evaluation.predictions)} images.",
+        "",
+        "The test split is held out: never trained on and never used to pick the epoch, so this "
+        "is what to expect on new images like these. It is measured on the exported ONNX file "
+        "through ONNX Runtime, the way the service runs the model.",
+        "",
+        "| class | accuracy | images |",
+        "|---|---:|---:|",
+    ]
+    for name, accuracy, row in zip(
+        classes, evaluation.per_class_accuracy, evaluation.confusion, strict=True
+    ):
+        lines.append(f"| {name} | {accuracy:.4f} | {int(row.sum())} |")
+    lines += [
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "How to read the confusion matrix: each row is a true class, each column the class the "
+        "model answered; the diagonal counts the right answers and every count off it is a "
+        f"mistake. {_most_confused(evaluation.confusion, classes)}",
+        "",
+    ]
+    return lines
+
+
+def mistakes_section(
+    found: list[Mistake], tests: int, classes: list[str], images: np.ndarray, path: Path
+) -> list[str]:
+    """Draws ``mistakes.png``; returns the Markdown that describes it."""
+    plot_mistakes(images, found, classes, path)
+    lines = [SECTIONS[2], ""]
+    lines += [
+        f"The exported model gets {len(found)} of {tests} test images wrong. Each is shown with "
+        "its true class and the model's two highest probabilities (softmax of the ONNX Runtime "
+        "logits): a close second choice says the model hesitated, a confident wrong answer "
+        "that it saw something else (the occlusion maps below show what).",
+        "",
+        "![misclassified test images](mistakes.png)",
+        "",
+    ]
+    if found:
+        lines += ["| test image | true | first choice | second choice |", "|---:|---|---|---|"]
+        for mistake in found[:MISTAKES_LISTED]:
+            (first, p_first), (second, p_second) = mistake.top2
+            lines.append(
+                f"| {mistake.index} | {classes[mistake.label]} | {classes[first]} "
+                f"({p_first:.3f}) | {classes[second]} ({p_second:.3f}) |"
+            )
+        lines.append("")
+    return lines
+
+
+def filters_section(weight: torch.Tensor, path: Path) -> list[str]:
+    """Draws ``filters.png``; returns the Markdown that describes it."""
+    plot_filters(weight, path)
+    out_channels, in_channels, height, width = weight.shape
+    return [
+        SECTIONS[3],
+        "",
+        "![filters](filters.png)",
+        "",
+        f"Each square is one kernel of the first convolution: {height}x{width} weights for each "
+        f"of the {in_channels} input channel(s), {in_channels * height * width} in all, drawn on "
+        "its own scale (light: a large weight, dark: a small or negative one). The layer slides "
+        "every kernel over the whole image and answers, at each position, how much the patch "
+        "under it looks like the kernel. Trained kernels tend to be small edge and stroke "
+        "detectors: light beside dark is an edge of that orientation. Because one kernel serves "
+        "every position (weight sharing), a stroke is detected wherever it is, with "
+        f"{out_channels} x {in_channels * height * width} weights in the whole layer, whatever "
+        "the image size.",
+        "",
+    ]
+
+
+def feature_maps_section(blocks: int) -> list[str]:
+    return [
+        SECTIONS[4],
+        "",
+        "![feature maps](feature_maps.png)",
+        "",
+        "Top left: a test image. Each following row is the output of one block (convolution, "
+        f"batch norm, activation, pooling) for that image, first 8 channels, {blocks} block(s) "
+        "in all. Bright is a strong response. The first block's maps still look like the digit: "
+        "each is the image seen through one kernel, lighting up the edges and strokes that "
+        "kernel detects. Every pooling halves the resolution, so each later unit sees a larger "
+        "part of the image (its receptive field) and responds to combinations of the earlier "
+        "patterns: the maps get coarser and more abstract, and the dense head at the end "
+        "reads the last of them to decide.",
+        "",
+    ]
+
+
 def write_report(
     directory: Path,
     *,
@@ -283,14 +279,14 @@ def write_report(
     """Writes the figures and ``index.md`` into ``directory``; returns the index path.
 
     ``onnx_path`` is the exported model, ``test_images`` and ``test_labels`` the test split it
-    was evaluated on (``evaluation.predictions`` are its answers): the occlusion maps run there.
+    was evaluated on (``evaluation.predictions`` are its answers): the mistakes and the
+    occlusion maps are computed there. :func:`training.page.write_version_page` turns the
+    result into ``index.html``.
     """
     directory.mkdir(parents=True, exist_ok=True)
     network = classifier.convnet
     plot_curves(history, directory / "curves.png")
     plot_confusion(evaluation.confusion, classes, directory / "confusion_matrix.png")
-    first_conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
-    plot_filters(first_conv.weight, directory / "filters.png")
     plot_feature_maps(
         classifier,
         test_image,
@@ -299,26 +295,26 @@ def write_report(
     )
     lines = [f"# {summary['model_name']}: training report", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
-    lines += ["", "## Curves", "", "![loss and accuracy](curves.png)", ""]
+    lines += ["", INTRODUCTION, ""]
+    lines += [SECTIONS[0], "", "![loss and accuracy](curves.png)", ""]
     lines += [
         "Training loss and accuracy are measured on augmented batches with dropout and label "
-        "smoothing, so they sit below the validation figures.",
+        "smoothing, so they sit below the validation figures. The version published is the "
+        "epoch with the best validation accuracy.",
         "",
     ]
-    lines += ["## Test split (the exported model, ONNX Runtime)", ""]
-    lines += [
-        f"Accuracy **{evaluation.accuracy:.4f}** on {len(evaluation.predictions)} images.",
-        "",
-    ]
-    lines += ["| class | accuracy | images |", "|---|---:|---:|"]
-    for name, accuracy, row in zip(
-        classes, evaluation.per_class_accuracy, evaluation.confusion, strict=True
-    ):
-        lines.append(f"| {name} | {accuracy:.4f} | {int(row.sum())} |")
-    lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
-    lines += ["## What the network looks at", "", "First-layer filters:", ""]
-    lines += ["![filters](filters.png)", "", "One test image after each block:", ""]
-    lines += ["![feature maps](feature_maps.png)", ""]
+    lines += accuracy_section(evaluation, classes)
+    logits = onnx_logits(onnx_session(onnx_path), test_images)
+    lines += mistakes_section(
+        mistakes(logits, test_labels),
+        len(test_labels),
+        classes,
+        test_images,
+        directory / "mistakes.png",
+    )
+    first_conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    lines += filters_section(first_conv.weight, directory / "filters.png")
+    lines += feature_maps_section(len(network.config.blocks))
     lines += occlusion_section(
         onnx_path,
         test_images,

@@ -71,12 +71,13 @@ def fit(
     loader_generator = seeded_generator(config.seed)
     augment_generator = seeded_generator(config.seed + 1)
     loader = make_loader(
-        dataset.train.images, dataset.train.labels, config.batch_size, loader_generator
+        dataset.train.images, dataset.train.labels, config.resolved_batch_size(), loader_generator
     )
+    lr = config.resolved_lr()
     optimizer = make_optimizer(
-        classifier, config.optimizer, config.lr, config.weight_decay, config.momentum
+        classifier, config.optimizer, lr, config.weight_decay, config.momentum
     )
-    scheduler = make_scheduler(optimizer, config.schedule, config.lr, epochs * len(loader))
+    scheduler = make_scheduler(optimizer, config.schedule, lr, epochs * len(loader))
     augment = make_augment(config.augment)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {
@@ -164,7 +165,8 @@ def fit(
 
 def with_concrete_preset(config: TrainConfig, dataset: Dataset) -> TrainConfig:
     """`auto` replaced by the preset it stands for on this data (small for grayscale, deep for
-    RGB), so that the run gets that preset's epochs and its checkpoint and record name it."""
+    RGB), so that the run gets that preset's epochs, batch size and learning rate, and its
+    checkpoint and record name it."""
     if config.preset != "auto":
         return config
     return replace(config, preset="small" if dataset.channels == 1 else "deep")
@@ -189,6 +191,8 @@ def training_record(
     return {
         **config.to_dict(),
         "epochs": config.resolved_epochs(),
+        "batch_size": config.resolved_batch_size(),
+        "lr": config.resolved_lr(),
         "best_epoch": result.best_epoch,
         "best_val_accuracy": round(result.best_val_accuracy, 6),
         "train_seconds": round(seconds, 1),

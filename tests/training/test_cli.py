@@ -178,3 +178,112 @@ def test_the_cli_module_does_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_every_setting_is_a_flag_with_its_docstring_as_help() -> None:
+    import argparse
+    import dataclasses
+
+    from training.cli import FROM_THE_DATA, get_args_parser
+    from training.config import TrainConfig
+    from training.data import DataConfig
+    from training.flags import field_docs
+    from training.model_config import ModelConfig
+
+    (subparsers,) = (
+        a for a in get_args_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    train = subparsers.choices["train"]
+    by_dest = {action.dest: action for action in train._actions}
+    expected = [
+        *(f for f in dataclasses.fields(TrainConfig) if f.name not in ("data", "model_overrides")),
+        *dataclasses.fields(DataConfig),
+        *(f for f in dataclasses.fields(ModelConfig) if f.name not in FROM_THE_DATA),
+    ]
+    for item in expected:
+        action = by_dest[item.name]
+        assert "--" + item.name.replace("_", "-") in action.option_strings
+        owner = next(
+            cls for cls in (TrainConfig, DataConfig, ModelConfig) if item in dataclasses.fields(cls)
+        )
+        assert action.help is not None
+        assert action.help.replace("%%", "%").startswith(field_docs(owner)[item.name])
+
+
+def test_the_flags_of_no_arguments_are_the_default_config() -> None:
+    from training.cli import get_args_parser, train_config
+    from training.config import TrainConfig
+
+    assert train_config(get_args_parser().parse_args(["train"])) == TrainConfig()
+
+
+def test_flags_of_every_kind_reach_the_config(tmp_path: Path) -> None:
+    from training.cli import get_args_parser, train_config
+    from training.data import DataConfig
+
+    args = ["train", "--blocks", "8,8/16", "--hidden", "64,32", "--no-batch-norm"]
+    args += ["--dropout", "0.2", "--epochs", "3", "--lr", "0.01", "--no-report", "--download"]
+    args += ["--max-samples", "300", "--preset", "small", "--resume", str(tmp_path / "last.pt")]
+    config = train_config(get_args_parser().parse_args(args))
+    assert config.model_overrides == {
+        "blocks": ((8, 8), (16,)),
+        "hidden_units": (64, 32),
+        "batch_norm": False,
+        "dropout": 0.2,
+    }
+    assert (config.epochs, config.lr, config.report, config.progress) == (3, 0.01, False, True)
+    assert config.resume == str(tmp_path / "last.pt")
+    # The small preset's input size, as the ImageFolder resize when none is given.
+    assert config.data == DataConfig(download=True, max_samples=300, image_size=28)
+    assert train_config(
+        get_args_parser().parse_args(["train", "--hidden", ""])
+    ).model_overrides == {"hidden_units": ()}
+
+
+def test_compare_takes_the_training_flags_but_publishes_only_with_its_repository() -> None:
+    from training.cli import get_args_parser, train_config
+    from training.config import TrainConfig
+
+    args = get_args_parser().parse_args(["compare", "--epochs", "2", "--no-progress"])
+    config = train_config(args)
+    assert (config.epochs, config.progress) == (2, False)
+    assert config.repository == TrainConfig.repository and config.resume is None
+    assert args.publish_to is None and args.dense_layers == 2
+
+
+def test_a_new_config_field_becomes_a_flag_without_editing_the_cli() -> None:
+    import argparse
+    from dataclasses import dataclass, field
+
+    from training.flags import HelpFormatter, add_fields, values
+
+    @dataclass(frozen=True)
+    class Settings:
+        warmup_epochs: int | None = None
+        """Epochs of linear warm-up before the schedule; none: no warm-up."""
+        widths: tuple[int, ...] = (4, 8)
+        """Widths, comma-separated."""
+        ema: bool = False
+        """Keep an exponential moving average of the weights."""
+        decay: float = field(default=0.99, metadata={"flag": "--ema-decay", "help": "EMA decay."})
+
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    assert add_fields(parser, Settings) == ["warmup_epochs", "widths", "ema", "decay"]
+    parsed = parser.parse_args(["--warmup-epochs", "2", "--widths", "1,2,3", "--ema"])
+    assert values(parsed, Settings) == Settings(2, (1, 2, 3), True, 0.99)
+    assert values(parser.parse_args(["--ema-decay", "0.5"]), Settings) == Settings(decay=0.5)
+    help_text = " ".join(parser.format_help().split())
+    assert "--warmup-epochs WARMUP_EPOCHS Epochs of linear warm-up before the schedule" in help_text
+    assert "--ema, --no-ema Keep an exponential moving average of the weights. (default: off)" in (
+        help_text
+    )
+    assert "--ema-decay DECAY EMA decay. (default: 0.99)" in help_text
+
+
+def test_a_bad_list_is_a_usage_error_naming_the_format(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--blocks", "32,x"])
+    assert exit_info.value.code == 2
+    assert "argument --blocks: invalid groups '32,x': write integers like 32,32/64,64/128" in (
+        capsys.readouterr().err
+    )

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.training.browser import render_in_chromium
 from tests.training.conftest import tiny_train_config
 from training.cli import main
 from training.compare.report import FIGURES, SECTIONS
 from training.compare.run import Comparison, run_comparison
 from training.compare.shift import SHIFTS
+from training.page import PAGE
+from training.report import FIGURES as REPORT_FIGURES
+from training.report import SECTIONS as REPORT_SECTIONS
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +69,31 @@ def test_the_compared_cnn_is_the_one_train_builds(comparison: Comparison, tiny_v
 
 def test_the_report_holds_every_section_and_valid_figures(comparison: Comparison) -> None:
     directory = comparison.directory
-    assert sorted(p.name for p in directory.iterdir()) == sorted([*FIGURES, "index.md"])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*FIGURES, "index.md", PAGE])
     index = (directory / "index.md").read_text()
     for section in SECTIONS:
         assert f"\n{section}\n" in index
     for name in FIGURES:
         assert f"]({name})" in index
         assert_real_png(directory / name)
+
+
+def test_the_versions_page_holds_the_report_then_the_comparison_all_decoded(
+    comparison: Comparison, tmp_path: Path
+) -> None:
+    version = comparison.version
+    assert version is not None
+    rendered = render_in_chromium(version.path / "report" / PAGE, tmp_path)
+    headings = [text for tag, text in rendered.headings if tag in ("h1", "h2")]
+    report = ["tiny_cnn: training report", *(section[3:] for section in REPORT_SECTIONS)]
+    compare = ["Dense vs CNN: what the convolutions buy", *(section[3:] for section in SECTIONS)]
+    assert headings == report + compare
+    figures = len(REPORT_FIGURES) + len(FIGURES)
+    assert rendered.probed == str(figures) and len(rendered.images) == figures
+    for image in rendered.images:
+        width, height = (int(v) for v in image["data-decoded"].split("x"))
+        assert width > 200 and height > 100, image["alt"]
+    assert all(url.startswith(("data:", "#")) for url in rendered.urls)
 
 
 def test_the_report_states_the_measured_numbers(comparison: Comparison) -> None:
@@ -126,8 +148,11 @@ def test_compare_cli_writes_to_out_and_publishes_nothing(
     )
     assert re.search(r"^dense: [\d,]+ parameters, .* trained in [\d.]+ s$", printed, re.M)
     assert f"report: {out / 'index.md'}" in printed
-    assert sorted(p.name for p in out.iterdir()) == sorted([*FIGURES, "index.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FIGURES, "index.md", PAGE])
     assert "flatten 784 -> " in (out / "index.md").read_text()
+    page = (out / PAGE).read_text()
+    assert page.count('<img src="data:image/png;base64,') == len(FIGURES)
+    assert f"page: {out / PAGE}" in printed
     assert [p.name for p in tmp_path.iterdir()] == ["compare"]
 
 

@@ -34,6 +34,8 @@ def test_default_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str
     version = repository / "mnist_cnn" / "1"
     assert f"wrote version 1: {version}" in out
     accuracy = float(re.search(r"test accuracy \(ONNX Runtime\): ([0-9.]+)", out).group(1))
+    # 0.9900 on the development machine (docs/training.md). The floor keeps a margin: another
+    # CPU's kernels round differently, and one image more or less wrong is 0.001.
     assert accuracy >= 0.98
     metadata = json.loads((version / "metadata.json").read_text())
     assert metadata["convserve.test_accuracy"] == f"{accuracy:.4f}"

@@ -200,9 +200,9 @@ def test_device_choice() -> None:
 
 
 @pytest.mark.parametrize(("channels", "preset"), [(1, "small"), (3, "deep")])
-def test_auto_gets_the_epochs_of_the_preset_it_stands_for(channels: int, preset: str) -> None:
-    """An RGB `auto` run builds the deep network, so it trains for the deep preset's epochs
-    (it used to get the small preset's); given epochs still win."""
+def test_auto_gets_the_schedule_of_the_preset_it_stands_for(channels: int, preset: str) -> None:
+    """An RGB `auto` run builds the deep network, so it trains with the deep preset's epochs,
+    batch size and learning rate (it used to get the small preset's); given values still win."""
     from types import SimpleNamespace
 
     from training.config import TrainConfig
@@ -212,8 +212,18 @@ def test_auto_gets_the_epochs_of_the_preset_it_stands_for(channels: int, preset:
     data = SimpleNamespace(channels=channels)
     resolved = with_concrete_preset(TrainConfig(preset="auto"), data)  # type: ignore[arg-type]
     assert resolved.preset == preset
-    assert resolved.resolved_epochs() == PRESETS[preset].epochs
-    assert PRESETS["deep"].epochs != PRESETS["small"].epochs  # else this test proves nothing
-    given = with_concrete_preset(TrainConfig(preset="auto", epochs=3), data)  # type: ignore[arg-type]
-    assert given.resolved_epochs() == 3
+    plan = (resolved.resolved_epochs(), resolved.resolved_batch_size(), resolved.resolved_lr())
+    assert plan == (PRESETS[preset].epochs, PRESETS[preset].batch_size, PRESETS[preset].lr)
+    small, deep = PRESETS["small"], PRESETS["deep"]
+    # Else this test proves nothing.
+    assert small.batch_size != deep.batch_size and small.lr != deep.lr
+    given = with_concrete_preset(
+        TrainConfig(preset="auto", epochs=3, batch_size=8, lr=0.1),
+        data,  # type: ignore[arg-type]
+    )
+    assert (given.resolved_epochs(), given.resolved_batch_size(), given.resolved_lr()) == (
+        3,
+        8,
+        0.1,
+    )
     assert with_concrete_preset(TrainConfig(preset="small"), data).preset == "small"  # type: ignore[arg-type]

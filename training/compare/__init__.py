@@ -6,5 +6,6 @@
 - :mod:`.probes`: receptive fields, equivariance of the first layer, the patches that excite a
   channel most, the mistakes;
 - :mod:`.run`: trains both on one split, seed and budget, exports both, measures both;
-- :mod:`.figures` and :mod:`.report`: ``compare/index.md`` and its PNG figures.
+- :mod:`.figures` and :mod:`.report`: ``compare/index.md``, its PNG figures and
+  ``compare/index.html`` (the same as one self-contained page).
 """

@@ -9,26 +9,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from training.compare.probes import ChannelPatches, Mistake, ReceptiveField, interior
+from training.compare.probes import ChannelPatches, ReceptiveField, interior
 from training.compare.shift import DIRECTIONS, ShiftAccuracy, shift_in
-from training.report import save_figure
+from training.report_figures import save_figure, show_image
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-
     from training.compare.run import Contender, EquivarianceDemo
 
 COLORS = {"CNN": "tab:blue", "dense": "tab:orange"}
-
-
-def _show(axis: Axes, image: np.ndarray) -> None:
-    """A uint8 image ``[C, H, W]`` on its own 0..255 scale, without ticks."""
-    if image.shape[0] == 1:
-        axis.imshow(image[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    else:
-        axis.imshow(image.transpose(1, 2, 0), interpolation="nearest")
-    axis.set_xticks([])
-    axis.set_yticks([])
 
 
 def plot_side_by_side(contenders: list[tuple[Contender, float]], path: Path) -> None:
@@ -60,7 +48,7 @@ def plot_shift_examples(
     for row, direction in enumerate(DIRECTIONS):
         for column, pixels in enumerate(shifts):
             axis = axes[row, column]
-            _show(axis, shift_in(image[np.newaxis], direction, pixels, fill)[0])
+            show_image(axis, shift_in(image[np.newaxis], direction, pixels, fill)[0])
             if row == 0:
                 axis.set_title(f"{pixels} px", fontsize=9)
             if column == 0:
@@ -108,7 +96,7 @@ def plot_equivariance(demo: EquivarianceDemo, classes: list[str], path: Path) ->
     axes = figure.subplots(1, len(panels))
     for number, (axis, (picture, title)) in enumerate(zip(axes, panels, strict=True)):
         if picture.ndim == 3:
-            _show(axis, picture)
+            show_image(axis, picture)
         else:
             scale = (0.0, max(high, 1e-12)) if number == len(panels) - 1 else (low, high)
             axis.imshow(picture, cmap="viridis", vmin=scale[0], vmax=scale[1])
@@ -147,35 +135,10 @@ def plot_patches(
             if column >= len(found.patches):
                 axis.axis("off")
                 continue
-            _show(axis, found.patches[column])
+            show_image(axis, found.patches[column])
             axis.set_title(f"{found.activations[column]:.2f}", fontsize=8)
         axes[row, 0].set_ylabel(f"channel {found.channel}", fontsize=9)
     figure.suptitle(
         f"block {block}: strongest patches, receptive field {field.size}x{field.size} px"
     )
-    save_figure(figure, path)
-
-
-def plot_mistakes(
-    images: np.ndarray, found: list[Mistake], classes: list[str], path: Path, limit: int = 32
-) -> None:
-    """Misclassified test images with their true class and top-2 probabilities."""
-    shown = found[:limit]
-    columns = min(8, max(len(shown), 1))
-    rows = max(1, -(-len(shown) // columns))
-    figure = Figure(figsize=(1.6 * columns + 0.4, 1.9 * rows + 0.6))
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
-    for axis in axes:
-        axis.axis("off")
-    for axis, mistake in zip(axes, shown, strict=False):
-        _show(axis, images[mistake.index])
-        (first, p_first), (second, p_second) = mistake.top2
-        axis.set_title(
-            f"true {classes[mistake.label]}\n{classes[first]} {p_first:.2f} | "
-            f"{classes[second]} {p_second:.2f}",
-            fontsize=8,
-        )
-    if not shown:
-        axes[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    figure.suptitle(f"misclassified test images ({len(shown)} of {len(found)} shown)")
     save_figure(figure, path)

@@ -1,4 +1,5 @@
-"""``compare/index.md`` and its figures: the dense baseline and the CNN side by side.
+"""``compare/index.md``, its figures and ``compare/index.html`` (the same as one self-contained
+page, :mod:`training.page`): the dense baseline and the CNN side by side.
 
 Every sentence that states a result is computed from the measurements; the text says when the
 numbers go against the claim instead of asserting it.
@@ -15,7 +16,6 @@ import numpy as np
 from training.augment import make_augment
 from training.compare.figures import (
     plot_equivariance,
-    plot_mistakes,
     plot_patches,
     plot_shift_accuracy,
     plot_shift_examples,
@@ -24,6 +24,9 @@ from training.compare.figures import (
 from training.compare.shift import DIRECTIONS, shift_verdict
 from training.config import TrainConfig
 from training.data import Dataset
+from training.page import PAGE, write_page
+from training.report import MISTAKES_LISTED
+from training.report_figures import plot_mistakes
 
 if TYPE_CHECKING:
     from training.compare.run import Contender, EquivarianceDemo, Measurements
@@ -48,13 +51,13 @@ SECTIONS = (
 )
 ROUNDING = 1e-4
 """An equivariance error below this share of the maps' largest value is float rounding."""
-MISTAKES_LISTED = 50
 
 
 def _budget(config: TrainConfig) -> str:
     return (
-        f"{config.resolved_epochs()} epochs, batch {config.batch_size}, {config.optimizer} "
-        f"(peak lr {config.lr:g}, {config.schedule} schedule, weight decay "
+        f"{config.resolved_epochs()} epochs, batch {config.resolved_batch_size()}, "
+        f"{config.optimizer} (peak lr {config.resolved_lr():g}, {config.schedule} schedule, "
+        f"weight decay "
         f"{config.weight_decay:g}), label smoothing {config.label_smoothing:g}, augmentation "
         f"`{config.augment}`, seed {config.seed}"
     )
@@ -256,7 +259,8 @@ def write_comparison_report(
     dense: Contender,
     measured: Measurements,
 ) -> Path:
-    """Writes ``FIGURES`` and ``index.md`` into ``directory``; returns the index path."""
+    """Writes ``FIGURES``, ``index.md`` and ``index.html`` into ``directory``; returns the
+    index path."""
     directory.mkdir(parents=True, exist_ok=True)
     test = dataset.test
     classes = dataset.classes
@@ -285,5 +289,6 @@ def write_comparison_report(
     lines += _mistakes(measured, classes)
     index = directory / "index.md"
     index.write_text("\n".join(lines) + "\n")
+    write_page(directory / PAGE, [("compare", directory)])
     logger.info("comparison written to %s", directory)
     return index
