@@ -22,18 +22,28 @@ import onnx
 import torch
 from torch import nn
 
+from contract.layout import (
+    CONTRACT_FORMAT,
+    CREATED_KEY,
+    DATASET_KEY,
+    FORMAT_KEY,
+    INPUT_NAME,
+    LABELS_KEY,
+    MODEL_CONFIG_KEY,
+    OUTPUT_NAME,
+    PREPROCESSING_KEY,
+    TEST_ACCURACY_KEY,
+    TRAINING_KEY,
+)
 from training.errors import ExportError
 from training.onnx_eval import onnx_session
 
 logger = logging.getLogger(__name__)
 
-CONTRACT_FORMAT = "1"
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 OPSET = 18
 RTOL = 1e-3
 ATOL = 1e-5
-JSON_KEYS = ("labels", "preprocessing", "model_config", "training")
+JSON_KEYS = (LABELS_KEY, PREPROCESSING_KEY, MODEL_CONFIG_KEY, TRAINING_KEY)
 
 
 def contract_metadata(
@@ -49,21 +59,21 @@ def contract_metadata(
     """The ``convserve.*`` metadata_props of docs/model-repository.md, every value a string."""
     created = created or datetime.now(timezone.utc)
     return {
-        "convserve.format": CONTRACT_FORMAT,
-        "convserve.labels": json.dumps(list(labels)),
-        "convserve.preprocessing": json.dumps(preprocessing),
-        "convserve.model_config": json.dumps(model_config),
-        "convserve.training": json.dumps(training),
-        "convserve.dataset": dataset,
-        "convserve.test_accuracy": "" if test_accuracy is None else f"{test_accuracy:.4f}",
-        "convserve.created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        FORMAT_KEY: CONTRACT_FORMAT,
+        LABELS_KEY: json.dumps(list(labels)),
+        PREPROCESSING_KEY: json.dumps(preprocessing),
+        MODEL_CONFIG_KEY: json.dumps(model_config),
+        TRAINING_KEY: json.dumps(training),
+        DATASET_KEY: dataset,
+        TEST_ACCURACY_KEY: "" if test_accuracy is None else f"{test_accuracy:.4f}",
+        CREATED_KEY: created.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
 def decoded_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     """``metadata.json``: the same keys, with the JSON values decoded."""
     return {
-        key: json.loads(value) if key.removeprefix("convserve.") in JSON_KEYS else value
+        key: json.loads(value) if key in JSON_KEYS else value
         for key, value in metadata.items()
     }
 

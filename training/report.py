@@ -5,7 +5,7 @@ It teaches by showing the trained network: loss and accuracy curves; the test sp
 exported model (ONNX Runtime): accuracy, per-class accuracy, the confusion matrix and a gallery
 of the mistakes with their top-2 probabilities; the first layer's filters; the feature maps of
 one test image after every block; the occlusion maps of a few test images, right and wrong
-(see :mod:`training.occlusion`); and the parameter arithmetic (see :mod:`training.params`).
+(see :mod:`contract.occlusion`); and the parameter arithmetic (see :mod:`training.params`).
 Each section says in words how to read its figure.
 
 The figures are drawn by :mod:`training.report_figures`.
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract.occlusion import Occlusion, count_positions, occlusion_map, typical_fill
 from training.compare.probes import Mistake, mistakes
 from training.model import ImageClassifier
-from training.occlusion import Occlusion, count_positions, occlusion_map, typical_fill
 from training.onnx_eval import Evaluation, onnx_logits, onnx_session
 from training.params import PARAMETER_SECTION, parameter_markdown
 from training.report_figures import (

@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from contract.occlusion import Occlusion
 from training.compare.probes import Mistake
 from training.model import ImageClassifier
-from training.occlusion import Occlusion
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

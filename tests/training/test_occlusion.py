@@ -13,8 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from tests.model_factory import TinySpec, build_tiny_model, reference_logits
-from training.occlusion import (
+from contract.occlusion import (
     count_positions,
     occlusion_map,
     patch_starts,
@@ -22,6 +21,7 @@ from training.occlusion import (
     softmax,
     typical_fill,
 )
+from tests.model_factory import TinySpec, build_tiny_model, reference_logits
 from training.onnx_eval import onnx_logits, onnx_session
 
 REGION = (slice(8, 14), slice(16, 22))
@@ -264,7 +264,7 @@ def test_typical_fill_is_the_background_of_digits() -> None:
 
 def test_the_module_does_not_import_torch() -> None:
     """The service will share it, and the serving image has no torch."""
-    code = "import sys, training.occlusion; print('torch' in sys.modules)"
+    code = "import sys, contract.occlusion; print('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     output = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
