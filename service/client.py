@@ -5,7 +5,8 @@
     python -m service.client classify digit.png cat.jpg [--top-k 3] [--model mnist_cnn] [--json]
     python -m service.client infer --random 4 [--classification 3]  # raw tensor via ModelInfer
     python -m service.client infer --input batch.npy [--output logits.npy]
-    python -m service.client explain digit.png [--target 7] [--patch 7 --stride 2] [--json]
+    python -m service.client explain digit.png cat.jpg [--target 7] [--patch 7 --stride 2] \
+        [--out DIR] [--json]                     # DIR/<name>.explain.png: the map over the image
 
 `--address` defaults to $CONVSERVE_ADDRESS, else 127.0.0.1:8001. Exit status: 0 on success,
 1 when the server answers with an error or cannot be reached, 2 on bad usage.
@@ -107,13 +108,19 @@ SHADES = " .:-=+*#%@"
 
 
 def explain(channel: grpc.Channel, args: argparse.Namespace) -> int:
-    """Which regions of an image the model's decision rests on (occlusion sensitivity)."""
+    """Which regions of each image the model's decision rests on (occlusion sensitivity)."""
+    for image in args.images:
+        explain_one(channel, args, Path(image))
+    return 0
+
+
+def explain_one(channel: grpc.Channel, args: argparse.Namespace, image: Path) -> None:
     import numpy as np
 
     from service._proto import classification_pb2, classification_pb2_grpc
 
     request = classification_pb2.ExplainRequest(
-        image=Path(args.image).read_bytes(),
+        image=image.read_bytes(),
         model_name=args.model,
         model_version=args.version,
         patch=args.patch,
@@ -125,6 +132,9 @@ def explain(channel: grpc.Channel, args: argparse.Namespace) -> int:
     stub = classification_pb2_grpc.ImageClassificationStub(channel)
     reply = stub.Explain(request, timeout=args.timeout)
     pixels = np.asarray(reply.pixel_drops, dtype=np.float32).reshape(reply.height, reply.width)
+    if args.out is not None:
+        written = write_overlay(image, pixels, Path(args.out))
+        print(f"{image}: overlay written to {written}")
     if args.json:
         print(json.dumps({
             "model": reply.model_name, "version": reply.model_version,
@@ -135,9 +145,9 @@ def explain(channel: grpc.Channel, args: argparse.Namespace) -> int:
             "patch": reply.patch, "rows": reply.rows, "columns": reply.columns,
             "drops": list(reply.drops), "pixel_drops": pixels.tolist(),
         }))  # fmt: skip
-        return 0
+        return
     best = ", ".join(f"{c.label} {c.score:.3f}" for c in reply.classes)
-    print(f"{args.image}: {best}  ({reply.model_name} v{reply.model_version})")
+    print(f"{image}: {best}  ({reply.model_name} v{reply.model_version})")
     print(
         f"why {reply.target.label!r} ({reply.target.score:.3f}): the probability it loses when a "
         f"{reply.patch}x{reply.patch} patch hides each region ('@' = most, ' ' = none):"
@@ -147,7 +157,28 @@ def explain(channel: grpc.Channel, args: argparse.Namespace) -> int:
         print("  " + "".join(SHADES[round(v * (len(SHADES) - 1))] * 2 for v in row))
     largest = float(np.max(reply.drops))
     print(f"largest drop {largest:.3f} over {reply.rows}x{reply.columns} patch positions")
-    return 0
+
+
+def write_overlay(image: Path, pixels: Any, out: Path) -> Path:
+    """`out/<name>.explain.png`: the image in grey, the drops in red over it (stretched from
+    the model input to the image's size; strongest red = largest drop, none below 0)."""
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    with Image.open(image) as opened:
+        base = np.asarray(opened.convert("L").convert("RGB"), dtype=np.float32)
+    heat = np.clip(np.nan_to_num(pixels), 0, None)
+    heat = heat / (heat.max() or 1.0)
+    size = (base.shape[1], base.shape[0])
+    heat_image = Image.fromarray((heat * 255).astype(np.uint8), "L")
+    alpha = np.asarray(heat_image.resize(size, Image.Resampling.BILINEAR), np.float32) / 255
+    red = np.zeros_like(base)
+    red[..., 0] = 255
+    blended = base * (1 - 0.6 * alpha[..., None]) + red * 0.6 * alpha[..., None]
+    path = out / f"{image.stem}.explain.png"
+    Image.fromarray(blended.astype(np.uint8), "RGB").save(path)
+    return path
 
 
 def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
@@ -301,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser(
         "explain", parents=[common], help="which regions of an image the decision rests on"
     )
-    sub.add_argument("image", help="image file (PNG, JPEG, ...)")
+    sub.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     sub.add_argument("--model", default="", help="model name (default: the server's default)")
     sub.add_argument("--version", default="", help="model version (default: the newest ready)")
     sub.add_argument("--target", type=int, help="class index to explain (default: the predicted)")
@@ -310,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--fill", type=int, nargs="*", default=[], help="patch pixel value(s) (default: 0)"
     )
+    sub.add_argument("--out", type=Path, help="write DIR/<name>.explain.png overlays here")
     sub.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub.set_defaults(run=explain)
     return parser

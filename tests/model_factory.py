@@ -122,3 +122,64 @@ def write_version(repository: Path, name: str, version: int, spec: TinySpec) -> 
     }
     (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
     return directory
+
+
+REGION = (slice(8, 14), slice(16, 22))
+"""Rows and columns of the only pixels the region model reads."""
+
+
+def region_graph() -> onnx.ModelProto:
+    """uint8 ``[N, 1, 28, 28]`` -> logits ``[N, 2]``: class 0 = 4 x the mean of REGION / 255.
+
+    Class 1's logit is 0, so on a white image class 0 wins with p = sigmoid(4) = 0.982; hiding
+    the whole region brings it down to p = 0.5. Nothing outside REGION reaches the output.
+    """
+    rows, columns = REGION
+    pixels = (rows.stop - rows.start) * (columns.stop - columns.start)
+    weight = np.zeros((pixels, 2), dtype=np.float32)
+    weight[:, 0] = 4.0 / pixels
+    nodes = [
+        helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["as_float", "scale"], ["scaled"]),
+        helper.make_node("Slice", ["scaled", "starts", "ends", "axes"], ["region"]),
+        helper.make_node("Flatten", ["region"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "region_only",
+        inputs=[helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 1, 28, 28])],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        initializer=[
+            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+            numpy_helper.from_array(np.array([rows.start, columns.start]), "starts"),
+            numpy_helper.from_array(np.array([rows.stop, columns.stop]), "ends"),
+            numpy_helper.from_array(np.array([2, 3]), "axes"),
+            numpy_helper.from_array(weight, "weight"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def region_model(path: Path) -> Path:
+    """The region model, saved to `path` without metadata (what the occlusion tests read)."""
+    onnx.save(region_graph(), path)
+    return path
+
+
+REGION_SPEC = TinySpec(labels=("region", "other"))
+"""The region model's contract: 1 x 28 x 28 grayscale, two classes."""
+
+
+def write_region_version(repository: Path, name: str, version: int) -> Path:
+    """The region model as a repository version, with the contract's metadata."""
+    model = region_graph()
+    for key, value in contract_metadata(REGION_SPEC).items():
+        model.metadata_props.add(key=key, value=value)
+    directory = repository / name / str(version)
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.onnx")
+    return directory

@@ -8,11 +8,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from contract.occlusion import occlusion_map, pixel_map
 from service import client
 from service._proto import classification_pb2 as cls_pb2
-from tests.model_factory import TinySpec, reference_logits
+from tests.model_factory import REGION, TinySpec, reference_logits, write_region_version
 from tests.service.conftest import StartServer, encode_image
 
 
@@ -103,3 +104,42 @@ def test_the_client_draws_the_map(
     assert len(heatmap) == 28 and all(len(row) == 2 + 56 for row in heatmap)
     assert "@" in "".join(heatmap)  # the largest drop is drawn
     assert lines[-1].startswith("largest drop ")
+
+
+def test_through_the_server_the_map_is_high_exactly_where_the_model_looks(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    write_region_version(tmp_path, "region", 1)  # logits read only REGION of the image
+    running = start_server(tmp_path)
+    white = np.full((28, 28), 255, dtype=np.uint8)
+    reply = running.classification_stub().Explain(
+        cls_pb2.ExplainRequest(image=encode_image(white), patch=7, stride=2), timeout=30
+    )
+    assert reply.target.label == "region"
+    drops = np.asarray(reply.drops).reshape(reply.rows, reply.columns)
+    rows, columns = REGION
+    for i, top in enumerate(reply.tops):
+        for j, left in enumerate(reply.lefts):
+            over = top < rows.stop and top + 7 > rows.start and left < columns.stop
+            over = over and left + 7 > columns.start
+            assert (drops[i, j] > 1e-4) if over else (abs(drops[i, j]) < 1e-6), (top, left)
+    pixels = np.asarray(reply.pixel_drops).reshape(28, 28)
+    assert np.unravel_index(np.argmax(pixels), pixels.shape)[0] in range(rows.start, rows.stop)
+
+
+def test_the_client_writes_overlays(
+    start_server: StartServer, tiny_repository: Path, tmp_path: Path
+) -> None:
+    running = start_server(tiny_repository)
+    images = []
+    for seed, size in ((4, (28, 28)), (5, (60, 45))):  # one at the model's size, one not
+        path = tmp_path / f"digit{seed}.png"
+        path.write_bytes(encode_image(np.resize(digit(seed), size)))
+        images.append(path)
+    out = tmp_path / "out"
+    argv = ["explain", *map(str, images), "--out", str(out), "--address", running.address]
+    assert client.main(argv) == 0
+    for path in images:
+        with Image.open(out / f"{path.stem}.explain.png") as overlay:
+            original = Image.open(path)
+            assert overlay.mode == "RGB" and overlay.size == original.size

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from contract.occlusion import (
@@ -21,48 +20,8 @@ from contract.occlusion import (
     softmax,
     typical_fill,
 )
-from tests.model_factory import TinySpec, build_tiny_model, reference_logits
+from tests.model_factory import REGION, TinySpec, build_tiny_model, reference_logits, region_model
 from training.onnx_eval import onnx_logits, onnx_session
-
-REGION = (slice(8, 14), slice(16, 22))
-"""Rows and columns of the only pixels the region model reads."""
-
-
-def region_model(path: Path) -> Path:
-    """uint8 ``[N, 1, 28, 28]`` -> logits ``[N, 2]``: class 0 = 4 x the mean of REGION / 255.
-
-    Class 1's logit is 0, so on a white image class 0 wins with p = sigmoid(4) = 0.982; hiding
-    the whole region brings it down to p = 0.5. Nothing outside REGION reaches the output.
-    """
-    rows, columns = REGION
-    pixels = (rows.stop - rows.start) * (columns.stop - columns.start)
-    weight = np.zeros((pixels, 2), dtype=np.float32)
-    weight[:, 0] = 4.0 / pixels
-    nodes = [
-        helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
-        helper.make_node("Div", ["as_float", "scale"], ["scaled"]),
-        helper.make_node("Slice", ["scaled", "starts", "ends", "axes"], ["region"]),
-        helper.make_node("Flatten", ["region"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "region_only",
-        inputs=[helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 1, 28, 28])],
-        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
-        initializer=[
-            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
-            numpy_helper.from_array(np.array([rows.start, columns.start]), "starts"),
-            numpy_helper.from_array(np.array([rows.stop, columns.stop]), "ends"),
-            numpy_helper.from_array(np.array([2, 3]), "axes"),
-            numpy_helper.from_array(weight, "weight"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
 
 
 class CountingPredict:
