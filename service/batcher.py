@@ -1,7 +1,9 @@
 """Dynamic batching for one model: merges concurrent requests into batches. No gRPC in here.
 
-Each request is an array of n items ([n, ...]) and gets one future. A background task forms
-batches from a bounded FIFO queue:
+Each request is an array of n items ([n, ...]) and gets one future. Batches are formed from a
+bounded FIFO queue at the end of the event loop's turn in which a request arrived or a batch's
+run returned, so that the requests arriving in the same turn go together (no background task
+polls the queue; a timer stands in for the delay below):
 
 - when no batch of this model is computing, whatever is waiting goes at once (a lone request
   at low load pays no added latency);
@@ -13,6 +15,10 @@ batches from a bounded FIFO queue:
   one slot (the default) no slot is ever free while a batch computes, and the next batch starts
   the moment the running one ends, whatever the delay: the batch size comes from what piled up
   meanwhile, and no request ever waits on the delay;
+- when a run returns and a full batch waits, the full batch goes to the runtime before the
+  returned results are handed out: the runtime computes it while the event loop answers. A
+  partial batch waits until the answers are handed out (it can grow meanwhile): a cheap model
+  whose requests trickle in would otherwise run one batch per request;
 - a batch never holds more than `max_batch_size` items; a request larger than that is split
   into chunks and its results joined back;
 - results are split back in order; an error in a batch reaches every request of that batch;
@@ -25,7 +31,6 @@ batches from a bounded FIFO queue:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -126,18 +131,22 @@ class Batcher:
         self.stats = BatcherStats()
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
-        self._running: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()
+        self._computing = 0  # batches handed to the runner whose run has not returned
+        self._batches: set[asyncio.Task[None]] = set()  # batch tasks not finished yet
+        self._timer: asyncio.TimerHandle | None = None
+        self._dispatch_scheduled = False
+        self._started = False
         self._closed = False
-        self._task: asyncio.Task[None] | None = None
         self._clock = clock
 
     def _now(self, loop: asyncio.AbstractEventLoop) -> float:
         return self._clock() if self._clock is not None else loop.time()
 
     def start(self) -> None:
-        """Starts the batching task on the running loop."""
-        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=self.name)
+        """Starts batching on the running loop (until then requests only queue): batches run
+        as tasks there, started when requests arrive and when runs return."""
+        self._started = True
+        self._dispatch(asyncio.get_running_loop())
 
     def check_room(self, n: int) -> None:
         """Raises unless a request of `n` items would be queued now.
@@ -182,7 +191,7 @@ class Batcher:
             futures.append(future)
         self._queued_items += n
         self._observer.queue_depth(self._queued_items)
-        self._changed.set()
+        self._schedule_dispatch(loop)
         try:
             if len(futures) == 1:
                 return await futures[0]
@@ -191,26 +200,36 @@ class Batcher:
             for future in futures:  # a failed or cancelled request drops its remaining chunks
                 future.cancel()
 
-    async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._changed.clear()
-            timeout: float | None = None
-            if self._queue and len(self._running) < self.max_concurrent_batches:
-                waited = self._now(loop) - self._queue[0].enqueued_at
-                if (
-                    not self._running
-                    or self._queued_items >= self.max_batch_size
-                    or waited >= self.max_queue_delay_s
-                ):
-                    try:
-                        self._start_batch(loop)
-                    except Exception:  # never let the dispatcher die: requests would hang
-                        logger.exception("model %s: could not start a batch", self.name)
-                    continue
-                timeout = self.max_queue_delay_s - waited
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts every batch the rules above allow now; arms the delay's timer otherwise."""
+        if not self._started or self._closed:
+            return
+        try:
+            while self._queue and self._computing < self.max_concurrent_batches:
+                if self._computing and self._queued_items < self.max_batch_size:
+                    waited = self._now(loop) - self._queue[0].enqueued_at
+                    if waited < self.max_queue_delay_s:
+                        if self._timer is None:
+                            delay_s = self.max_queue_delay_s - waited
+                            self._timer = loop.call_later(delay_s, self._on_timer, loop)
+                        return
+                self._start_batch(loop)
+        except Exception:  # the requests stay queued: the next arrival or batch retries
+            logger.exception("model %s: could not start a batch", self.name)
+
+    def _schedule_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Dispatches at the end of this loop turn (once, however many requests arrive)."""
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            loop.call_soon(self._scheduled_dispatch, loop)
+
+    def _scheduled_dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._dispatch_scheduled = False
+        self._dispatch(loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._dispatch(loop)
 
     def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -246,64 +265,85 @@ class Batcher:
         batch = self._take(loop)
         if not batch:
             return
+        self._computing += 1
         task = loop.create_task(self._execute(batch, loop))
-        self._running.add(task)
-        task.add_done_callback(self._batch_done)
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._changed.set()
+    def _run_returned(self, loop: asyncio.AbstractEventLoop, at_once: bool = True) -> None:
+        """Frees the batch's slot and starts what may start now (or at the turn's end)."""
+        self._computing -= 1
+        if at_once:
+            self._dispatch(loop)
+        else:
+            self._schedule_dispatch(loop)
 
     async def _execute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         started = self._now(loop)
         batch = [p for p in batch if self._still_wanted(p, started)]  # one loop turn later
         if not batch:
+            self._run_returned(loop)
             return
         size = sum(len(p.items) for p in batch)
-        ok = False
         self._observer.batch_started(size, [started - p.enqueued_at for p in batch])
         try:
             items = batch[0].items if len(batch) == 1 else np.concatenate([p.items for p in batch])
             outputs = await self._run_batch(items)
             if len(outputs) != size:
                 raise RuntimeError(f"batch of {size} items gave {len(outputs)} outputs")
-        except Exception as error:
-            if not isinstance(error, ServiceError):
+        except BaseException as error:  # cancelled too: the slot is freed in any case
+            self._run_returned(loop)
+            answer: ServiceError
+            if isinstance(error, ServiceError):
+                answer = error
+            elif isinstance(error, Exception):
                 logger.exception("model %s: batch of %d items failed", self.name, size)
-                error = InternalError(f"model {self.name}: batch of {size} items failed: {error!r}")
+                answer = InternalError(
+                    f"model {self.name}: batch of {size} items failed: {error!r}"
+                )
+            else:  # the batch's task was cancelled: the loop is closing
+                answer = ModelNotReady(f"model {self.name} is shutting down")
             for pending in batch:
                 if not pending.future.done():
-                    pending.future.set_exception(error)
-        else:
-            ok = True
-            offset = 0
-            compute_s = self._now(loop) - started
-            for pending in batch:
-                count = len(pending.items)
-                if pending.timing is not None:
-                    pending.timing.queue_s += started - pending.enqueued_at
-                    pending.timing.compute_s += compute_s
-                if not pending.future.done():
-                    pending.future.set_result(outputs[offset : offset + count])
-                offset += count
-        finally:
-            self._observer.batch_finished(size, self._now(loop) - started, ok)
-            self.stats.batches += 1
-            self.stats.items += size
-            self.stats.largest_batch = max(self.stats.largest_batch, size)
+                    pending.future.set_exception(answer)
+            self._finished(size, self._now(loop) - started, ok=False)
+            if not isinstance(error, Exception):
+                raise
+            return
+        compute_s = self._now(loop) - started
+        pipelined = self._queued_items >= self.max_batch_size
+        if pipelined:  # a full batch waits: it goes to the runner before these answers
+            self._run_returned(loop)
+        offset = 0
+        for pending in batch:
+            count = len(pending.items)
+            if pending.timing is not None:
+                pending.timing.queue_s += started - pending.enqueued_at
+                pending.timing.compute_s += compute_s
+            if not pending.future.done():
+                pending.future.set_result(outputs[offset : offset + count])
+            offset += count
+        if not pipelined:  # after the answers just scheduled: the batch grows meanwhile
+            loop.call_soon(self._run_returned, loop, False)
+        self._finished(size, compute_s, ok=True)
+
+    def _finished(self, size: int, compute_s: float, *, ok: bool) -> None:
+        self._observer.batch_finished(size, compute_s, ok)
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.largest_batch = max(self.stats.largest_batch, size)
 
     async def close(self) -> None:
         """Refuses new requests, fails the waiting ones, and waits for running batches."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
                 pending.future.set_exception(ModelNotReady(f"model {self.name} is shutting down"))
         self._queued_items = 0
         self._observer.queue_depth(0)
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)

@@ -73,8 +73,7 @@ def contract_metadata(
 def decoded_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     """``metadata.json``: the same keys, with the JSON values decoded."""
     return {
-        key: json.loads(value) if key in JSON_KEYS else value
-        for key, value in metadata.items()
+        key: json.loads(value) if key in JSON_KEYS else value for key, value in metadata.items()
     }
 
 

@@ -180,6 +180,30 @@ async def test_with_one_slot_the_queue_delay_has_no_effect() -> None:
     await batcher.close()
 
 
+@pytest.mark.parametrize(("queued", "handed_out_before_answer"), [(2, 2), (1, 1)])
+async def test_a_full_batch_goes_to_the_runtime_before_the_last_ones_answers(
+    queued: int, handed_out_before_answer: int
+) -> None:
+    """A full batch waiting starts the moment the run returns; a partial one after the
+    answers are handed out (it may grow meanwhile)."""
+    runtime = FakeRuntime(gated=True)
+    batcher = make(runtime, max_batch_size=2)
+
+    async def batches_when_answered() -> int:
+        await batcher.infer(items(1))
+        return len(runtime.batches)
+
+    first = asyncio.create_task(batches_when_answered())
+    await settle()
+    second = asyncio.create_task(batcher.infer(items(2, n=queued)))
+    await settle()
+    assert len(runtime.batches) == 1  # the second waits for the slot
+    runtime.gate.set()
+    assert await first == handed_out_before_answer
+    np.testing.assert_array_equal(await second, items(4, n=queued))
+    await batcher.close()
+
+
 async def test_waits_are_measured_on_the_injected_clock() -> None:
     runtime = FakeRuntime(gated=True)
     recorder = Recorder()
