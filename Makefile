@@ -60,7 +60,7 @@ BENCH_SMALL_CNN := test -d $(BENCH_REPOSITORY)/small_cnn || $(PY) -m training tr
 	--repository $(BENCH_REPOSITORY) --model-name small_cnn
 bench: $(VENV)/.stamp-run
 	$(BENCH_RESNET18)
-	$(PY) -m service.bench --model-repository $(BENCH_REPOSITORY) --model resnet18 --providers cpu \
+	$(PY) -m service.tools.bench --model-repository $(BENCH_REPOSITORY) --model resnet18 --providers cpu \
 		--server-max-batch-size 1 32 --concurrency 1 16 64 --duration 8 --warmup 2 \
 		--in-process-batch-sizes 1 2 4 8 16 32 64
 
@@ -71,7 +71,7 @@ BENCH_WARMUP ?= 2
 bench-table: $(VENV)/.stamp-run
 	$(BENCH_RESNET18)
 	$(BENCH_SMALL_CNN)
-	$(PY) -m service.bench --table --model-repository $(BENCH_REPOSITORY) --large-model resnet18 \
+	$(PY) -m service.tools.bench --table --model-repository $(BENCH_REPOSITORY) --large-model resnet18 \
 		--small-model small_cnn --providers cpu --duration $(BENCH_SECONDS) \
 		--warmup $(BENCH_WARMUP) --in-process-batch-sizes 1 2 4 8 16 32 64
 
@@ -98,7 +98,7 @@ typecheck: $(VENV)/.stamp-dev
 
 # Regenerates service/_proto from protos/ (a test fails when they drift apart).
 proto: $(VENV)/.stamp-dev
-	$(PY) -m service.protogen
+	$(PY) -m service.tools.protogen
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,7 +1,7 @@
 """The service's domain errors.
 
 Plain exceptions, free of gRPC: the batcher, the runtime and the converters raise them, and
-`service.status` maps them to gRPC status codes in one place. Every message is meant for the
+`service.wire.status` maps them to gRPC status codes in one place. Every message is meant for the
 client: it names the problem and, where there is one, what was expected. Text the client sent
 (names, datatypes, parameter values) goes into a message only through `client_text()`, so a
 message stays short whatever was sent: gRPC carries it in a header, and one past the header

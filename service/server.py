@@ -35,23 +35,27 @@ from prometheus_client import CollectorRegistry
 
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
-from service.admission import Admission
-from service.auth import TokenAuthInterceptor, read_tokens
-from service.batcher import Batcher, RunBatch
-from service.classify import Classifier
+from service.engine.admission import Admission
+from service.engine.batcher import Batcher, RunBatch
+from service.engine.classify import Classifier
+from service.engine.explain import Explainer
+from service.engine.manager import LoadedModel, ModelManager
+from service.engine.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
 from service.errors import ConfigurationError
-from service.explain import Explainer
-from service.handlers import add_servicer
-from service.health import SERVICE_NAME as HEALTH_SERVICE
-from service.health import HealthService
-from service.metrics import Metrics
-from service.models import LoadedModel, ModelManager
-from service.policy import Batching, ControlMode
-from service.repository import ModelRepository, VersionDir
-from service.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
-from service.servicers import ClassificationServicer, InferenceServicer, UnknownInferenceMethods
+from service.observability.metrics import Metrics
+from service.repository.disk import ModelRepository, VersionDir
+from service.repository.policy import Batching, ControlMode
 from service.settings import Settings, settings_from
-from service.tls import server_credentials
+from service.wire.auth import TokenAuthInterceptor, read_tokens
+from service.wire.handlers import add_servicer
+from service.wire.health import SERVICE_NAME as HEALTH_SERVICE
+from service.wire.health import HealthService
+from service.wire.servicers import (
+    ClassificationServicer,
+    InferenceServicer,
+    UnknownInferenceMethods,
+)
+from service.wire.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.engine.images import DEFAULT_IMAGE_FORMATS, readable_formats
 from service.errors import ConfigurationError
-from service.images import DEFAULT_IMAGE_FORMATS, readable_formats
-from service.policy import CONTROL_MODES, Batching, VersionPolicy
+from service.repository.policy import CONTROL_MODES, Batching, VersionPolicy
 
 ENV_PREFIX = "CONVSERVE_"
 # CONVSERVE_* variables that are not server settings, so the server lets them be: the client's

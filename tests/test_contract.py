@@ -17,8 +17,8 @@ from PIL import Image
 
 from contract import layout
 from contract.preprocessing import preprocessing_metadata
-from service.images import decode_image
-from service.repository import Preprocessing, valid_model_name
+from service.engine.images import decode_image
+from service.repository.disk import Preprocessing, valid_model_name
 from training.errors import RepositoryError
 from training.imagefolder import load_image_folder
 from training.repository import check_model_name

@@ -56,5 +56,5 @@ USER 10001:10001
 WORKDIR /home/convserve
 EXPOSE 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["python", "-m", "service.client", "health", "--address", "127.0.0.1:8001"]
+    CMD ["python", "-m", "service.tools.client", "health", "--address", "127.0.0.1:8001"]
 ENTRYPOINT ["python", "-m", "service"]

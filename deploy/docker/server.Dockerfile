@@ -42,6 +42,6 @@ EXPOSE 8001 8002
 # Healthy iff the standard gRPC health service answers SERVING (every model loaded and warm,
 # not draining); the start period covers loading and warming the models.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "service.client", "health", "--address", "127.0.0.1:8001"]
+    CMD ["python", "-m", "service.tools.client", "health", "--address", "127.0.0.1:8001"]
 # SIGTERM (Docker's default stop signal) drains in-flight requests before exiting.
 ENTRYPOINT ["python", "-m", "service"]

@@ -1,1 +1,1 @@
-"""Generated from protos/ by `python -m service.protogen`; do not edit."""
+"""Generated from protos/ by `python -m service.tools.protogen`; do not edit."""

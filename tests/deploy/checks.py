@@ -117,8 +117,10 @@ def dockerfile_policy(text: str, *, server: bool) -> list[str]:
     if not users or users[-1].split(":")[0] in {"root", "0"}:
         problems.append("the final image runs as root: add a USER with a non-root uid")
     healthchecks = [i.arguments for i in instructions if i.keyword == "HEALTHCHECK"]
-    if server and not any("service.client" in h and "health" in h for h in healthchecks):
-        problems.append("no HEALTHCHECK through the gRPC health protocol (service.client health)")
+    if server and not any("service.tools.client" in h and "health" in h for h in healthchecks):
+        problems.append(
+            "no HEALTHCHECK through the gRPC health protocol (service.tools.client health)"
+        )
     return problems
 
 

@@ -57,7 +57,7 @@ def test_server_health_is_the_grpc_health_protocol(compose: Path) -> None:
     server = config(compose, BASE)["services"]["server"]
     check = server["healthcheck"]["test"]
     assert check[0] == "CMD"
-    assert check[1:5] == ["python", "-m", "service.client", "health"]
+    assert check[1:5] == ["python", "-m", "service.tools.client", "health"]
     assert check[check.index("--address") + 1] == "127.0.0.1:8001"
 
 
@@ -104,7 +104,7 @@ def test_gpu_variant_reserves_a_gpu_and_selects_cuda(compose: Path) -> None:
     assert server["build"]["dockerfile"] == "deploy/docker/server-gpu.Dockerfile"
     assert server["image"].startswith("convserve-server-gpu:")
     # Everything else about the server is kept from the base file.
-    assert server["healthcheck"]["test"][1:5] == ["python", "-m", "service.client", "health"]
+    assert server["healthcheck"]["test"][1:5] == ["python", "-m", "service.tools.client", "health"]
     assert server["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     assert config(compose, BASE)["services"]["server"].get("deploy") is None
 

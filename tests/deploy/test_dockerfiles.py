@@ -153,5 +153,5 @@ def test_a_broken_dockerfile_fails_both_checks(hadolint: Path, tmp_path: Path) -
     assert dockerfile_policy(broken.read_text(), server=True) == [
         "base image 'python:latest' is not pinned to an exact tag",
         "the final image runs as root: add a USER with a non-root uid",
-        "no HEALTHCHECK through the gRPC health protocol (service.client health)",
+        "no HEALTHCHECK through the gRPC health protocol (service.tools.client health)",
     ]

@@ -218,9 +218,9 @@ def test_kubernetes_grpc_probe_sees_serving(stack: Stack) -> None:
 
 def test_docker_healthcheck_command_tells_serving_from_down(stack: Stack) -> None:
     """The HEALTHCHECK of the server images and of docker-compose.yml, run for real."""
-    if importlib.util.find_spec("service.client") is None:
-        missing("service.client (the HEALTHCHECK command)", "it is part of this repository")
-    command = [sys.executable, "-m", "service.client", "health", "--address"]
+    if importlib.util.find_spec("service.tools.client") is None:
+        missing("service.tools.client (the HEALTHCHECK command)", "it is part of this repository")
+    command = [sys.executable, "-m", "service.tools.client", "health", "--address"]
     assert run_tool([*command, stack.service.grpc_address], timeout_s=30).ok
     nobody = f"127.0.0.1:{free_port()}"
     assert not run_tool([*command, nobody], timeout_s=30).ok

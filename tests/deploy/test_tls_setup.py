@@ -69,7 +69,7 @@ def test_tls_server_reads_every_file_from_a_mounted_secret(compose: Path) -> Non
     # The image's plaintext HEALTHCHECK would hit the TLS port: it moves to the health port,
     # which stays on the container's loopback and is not published.
     check = server["healthcheck"]["test"]
-    assert check[1:5] == ["python", "-m", "service.client", "health"]
+    assert check[1:5] == ["python", "-m", "service.tools.client", "health"]
     port = environment["CONVSERVE_HEALTH_PORT"]
     assert check[check.index("--address") + 1] == f"127.0.0.1:{port}"
     assert environment["CONVSERVE_HEALTH_HOST"] == "127.0.0.1"

@@ -30,7 +30,7 @@ from service._proto import classification_pb2 as cls_pb2
 from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.images import DEFAULT_IMAGE_FORMATS
+from service.engine.images import DEFAULT_IMAGE_FORMATS
 from tests.faults.clients import (
     CHANNEL_OPTIONS,
     Outcomes,
@@ -51,7 +51,7 @@ COUNTS = {"ModelInfer": 5000, "Classify": 4000, "not protobuf": 3000}
 WARM_UP = 1000  # calls before RSS and descriptors are first read
 CONCURRENCY = 32
 ALLOWED = {"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
-MAX_DETAILS = 1000  # service.status caps messages at 1,000 characters
+MAX_DETAILS = 1000  # service.wire.status caps messages at 1,000 characters
 RSS_GROWTH_MB = 64  # allowed growth over 11,000 calls after the warm-up: ~6 KB per call
 FD_SLACK = 4
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from service.batcher import RunBatch
+from service.engine.batcher import RunBatch
 from service.server import serve
 from service.settings import settings_from
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.batcher import RunBatch
+from service.engine.batcher import RunBatch
 
 
 class BatchGate:

@@ -1,4 +1,4 @@
-"""Bearer-token authentication (service/auth.py): accepted, refused and exempt calls over real
+"""Bearer-token authentication (service/wire/auth.py): accepted, refused and exempt calls over real
 channels, the refusals counted, the tokens never logged; the client CLI sends the token."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service import client
 from service._proto import grpc_service_pb2 as pb2
-from service.auth import REFUSAL_MESSAGE, TokenSet, bearer_token, read_tokens
 from service.errors import ConfigurationError
+from service.tools import client
+from service.wire.auth import REFUSAL_MESSAGE, TokenSet, bearer_token, read_tokens
 from tests.certificates import Pki
 from tests.service.conftest import RunningServer, StartServer, random_images
 from tests.service.test_inference_api import infer_request

@@ -1,4 +1,4 @@
-"""service.batcher: merging, ordering, errors, limits, deadlines. No gRPC, a fake runtime."""
+"""service.engine.batcher: merging, ordering, errors, limits, deadlines. No gRPC, a fake runtime."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.engine.batcher import Batcher
 from service.errors import (
     DeadlineExceeded,
     InternalError,

@@ -1,4 +1,4 @@
-"""`python -m service.bench --table` (issue 11's table), its reference server and its load.
+"""`python -m service.tools.bench --table` (issue 11's table), its reference server and its load.
 
 Real processes throughout: servers, the reference server and the load clients are started as
 the benchmark starts them. Nothing here depends on the machine's speed: the figures are only
@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 import pytest
 
-from service import bench, bench_table
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.loadgen import LoadResult, cpu_seconds
+from service.tools import bench, bench_table
+from service.tools.loadgen import LoadResult, cpu_seconds
 from tests.model_factory import TinySpec, reference_logits
 
 CASE_ROW = re.compile(

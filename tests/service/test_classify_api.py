@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from service._proto import classification_pb2 as cls_pb2
-from service.batcher import Batcher
-from service.classify import Classifier
+from service.engine.batcher import Batcher
+from service.engine.classify import Classifier
+from service.engine.manager import LoadedModel
 from service.errors import InvalidInput, Overloaded
-from service.models import LoadedModel
-from service.repository import Preprocessing
+from service.repository.disk import Preprocessing
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import RunningServer, StartServer, encode_image
 

@@ -1,4 +1,4 @@
-"""The user tools: `python -m service.client` and `python -m service.bench`."""
+"""The user tools: `python -m service.tools.client` and `python -m service.tools.bench`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import bench, client
+from service.tools import bench, client
 from tests.service.conftest import REPO_ROOT, RunningServer, StartServer, encode_image, python
 
 
@@ -19,7 +19,7 @@ def tiny_server(start_server: StartServer, tiny_repository: Path) -> RunningServ
 
 
 def test_health_command_as_the_dockerfile_runs_it(tiny_server: RunningServer) -> None:
-    command = [python(), "-m", "service.client", "health", "--address", tiny_server.address]
+    command = [python(), "-m", "service.tools.client", "health", "--address", tiny_server.address]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING")
 
@@ -30,9 +30,10 @@ def test_health_command_imports_only_grpc(tiny_server: RunningServer) -> None:
         "import runpy, sys\n"
         f"sys.argv = ['client', 'health', '--address', {tiny_server.address!r}]\n"
         "try:\n"
-        "    runpy.run_module('service.client', run_name='__main__')\n"
+        "    runpy.run_module('service.tools.client', run_name='__main__')\n"
         "except SystemExit as done:\n"
-        "    heavy = {'numpy', 'PIL', 'onnxruntime', 'service.converters', 'service.classify'}\n"
+        "    heavy = {'numpy', 'PIL', 'onnxruntime', 'service.wire.converters',\n"
+        "             'service.engine.classify'}\n"
         "    print(done.code, sorted(heavy & set(sys.modules)))\n"
     )
     result = subprocess.run(

@@ -1,15 +1,15 @@
-"""service.converters: protobuf <-> numpy, without gRPC."""
+"""service.wire.converters: protobuf <-> numpy, without gRPC."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service import converters
 from service._proto import grpc_service_pb2 as pb2
+from service.engine.results import ScoredClass
 from service.errors import InvalidInput
-from service.repository import ModelSpec, Preprocessing
-from service.results import ScoredClass
+from service.repository.disk import ModelSpec, Preprocessing
+from service.wire import converters
 
 SPEC = ModelSpec(
     name="tiny",

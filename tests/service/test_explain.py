@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from contract.occlusion import occlusion_map, pixel_map
-from service import client
 from service._proto import classification_pb2 as cls_pb2
+from service.tools import client
 from tests.model_factory import REGION, TinySpec, reference_logits, write_region_version
 from tests.service.conftest import StartServer, encode_image
 

@@ -1,4 +1,4 @@
-"""service.images: decode + convert + resize as the contract says; limits on bytes and pixels."""
+"""service.engine.images: decode, convert, resize as the contract says; limits on bytes, pixels."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.engine.images import DEFAULT_IMAGE_FORMATS, decode_image, readable_formats
 from service.errors import InvalidInput
-from service.images import DEFAULT_IMAGE_FORMATS, decode_image, readable_formats
-from service.repository import Preprocessing
+from service.repository.disk import Preprocessing
 from tests.service.conftest import encode_image
 
 GRAY = Preprocessing(height=28, width=28, channels=1, color_mode="L")
@@ -21,7 +21,7 @@ LIMITS = {"max_bytes": 1 << 20, "max_pixels": 1 << 22}
 
 
 def contract_reference(data: bytes, p: Preprocessing) -> np.ndarray:
-    """docs/model-repository.md, written out independently of service.images."""
+    """docs/model-repository.md, written out independently of service.engine.images."""
     import io
 
     image = Image.open(io.BytesIO(data)).convert(p.color_mode)

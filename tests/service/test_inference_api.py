@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service import converters
 from service._proto import grpc_service_pb2 as pb2
+from service.wire import converters
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import RunningServer, StartServer, random_images
 from tests.service.gates import BatchGate, wait_until
@@ -219,7 +219,7 @@ def test_a_call_already_expired_on_arrival_is_refused_before_any_work(
     """A gRPC deadline that passed before the handler ran: counted as DEADLINE_EXCEEDED,
     nothing decoded or queued, and the handler ends as gRPC ends a cancelled one (the client
     has stopped waiting; gRPC answers it). Checked in-process: a client stops waiting first."""
-    from service.status import EXPIRED_ON_ARRIVAL, Call
+    from service.wire.status import EXPIRED_ON_ARRIVAL, Call
 
     class Expired:
         def time_remaining(self) -> float:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.health import LIVENESS_SERVICE, HealthService
+from service.wire.health import LIVENESS_SERVICE, HealthService
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import REPO_ROOT, StartServer, python, random_images
 from tests.service.gates import wait_until
@@ -229,7 +229,7 @@ NO_TORCH = """
 import asyncio, sys
 from pathlib import Path
 import grpc
-import service, service.client, service.bench
+import service, service.tools.client, service.tools.bench
 from service.server import InferenceServer
 from service.settings import Settings
 from service._proto import grpc_service_pb2 as pb2, grpc_service_pb2_grpc as pb2_grpc

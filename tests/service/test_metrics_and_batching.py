@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service import runtime
 from service._proto import classification_pb2 as cls_pb2
+from service.engine import runtime
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import StartServer, encode_image, random_images
 from tests.service.gates import BatchGate, wait_until
@@ -111,7 +111,7 @@ def test_auto_without_a_gpu_device_uses_the_cpu_quietly_and_is_no_fallback(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(runtime, "gpu_device_present", lambda: False)
-    with caplog.at_level(logging.INFO, logger="service.runtime"):
+    with caplog.at_level(logging.INFO, logger="service.engine.runtime"):
         running = start_server(tiny_repository, providers="auto")
     labels = {"model": "tiny", "version": "1"}
     assert running.metric("convserve_provider_fallback", **labels) == 0

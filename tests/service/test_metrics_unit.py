@@ -1,11 +1,11 @@
-"""service.metrics on a fresh registry, no server: which series a call's answer lands in."""
+"""service.observability.metrics on a fresh registry, no server: where a call's answer lands."""
 
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from service.metrics import INFERENCE_RPCS, REFUSAL_CODES, Metrics
+from service.observability.metrics import INFERENCE_RPCS, REFUSAL_CODES, Metrics
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from service._proto import grpc_service_pb2 as pb2
+from service.engine.manager import LoadedModel, ModelManager
+from service.engine.runtime import OnnxModel, warm_up_batch_sizes
 from service.errors import ConfigurationError, ModelNotFound
-from service.models import LoadedModel, ModelManager
-from service.policy import Batching
-from service.repository import ModelRepository, VersionDir
-from service.runtime import OnnxModel, warm_up_batch_sizes
+from service.repository.disk import ModelRepository, VersionDir
+from service.repository.policy import Batching
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import StartServer, random_images
 from tests.service.model_builders import write_broken_version, write_model_without_metadata

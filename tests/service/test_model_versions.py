@@ -26,10 +26,10 @@ import pytest
 
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from service.engine.manager import LoadedModel, ModelManager
 from service.errors import ModelLoadError
-from service.models import LoadedModel, ModelManager
-from service.policy import Batching, VersionPolicy, parse_model_config
-from service.repository import ModelRepository, VersionDir
+from service.repository.disk import ModelRepository, VersionDir
+from service.repository.policy import Batching, VersionPolicy, parse_model_config
 from tests.model_factory import TinySpec, reference_logits, write_version
 from tests.service.conftest import RunningServer, StartServer, random_images
 from tests.service.gates import BatchGate, wait_until

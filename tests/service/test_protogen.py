@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.protogen import PROTO_PACKAGE, generate, repository_root
+from service.tools.protogen import PROTO_PACKAGE, generate, repository_root
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:

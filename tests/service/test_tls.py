@@ -12,12 +12,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service import client
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
 from service.errors import ConfigurationError
 from service.server import InferenceServer
 from service.settings import Settings
+from service.tools import client
 from tests.certificates import Pki
 from tests.service.conftest import RunningServer, StartServer, random_images
 from tests.service.test_inference_api import infer_request

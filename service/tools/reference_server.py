@@ -1,10 +1,10 @@
 """The benchmark's baseline: a naive server that calls ONNX Runtime inline in its gRPC handler.
 
-    python -m service.reference_server --model-repository bench_repository --model resnet18 \
+    python -m service.tools.reference_server --model-repository bench_repository --model resnet18 \
         --port-file ports.json
 
 Not a server to deploy: the simplest KServe V2 server one could write, which
-`python -m service.bench --table` measures the real server against (docs/benchmark.md). Each
+`python -m service.tools.bench --table` measures the real server against (docs/benchmark.md). Each
 `ModelInfer` reads the raw uint8 input, calls `InferenceSession.run` in the handler itself
 (no batching, no executor: the event loop waits for the run, so one request computes at a
 time) and answers with the raw FP32 output, as the real server does. It checks nothing, keeps
@@ -29,10 +29,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service import converters
 from service._proto import grpc_service_pb2 as pb2
-from service.repository import ModelRepository
-from service.runtime import OnnxModel, RuntimeOptions
+from service.engine.runtime import OnnxModel, RuntimeOptions
+from service.repository.disk import ModelRepository
+from service.wire import converters
 
 SERVICE = "inference.GRPCInferenceService"
 # The methods served, with their request and response messages; gRPC answers the others
@@ -123,7 +123,7 @@ async def serve(model: OnnxModel, port: int, port_file: Path | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.reference_server",
+        prog="python -m service.tools.reference_server",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m service.reference_server`."""
+    """Entry point of `python -m service.tools.reference_server`."""
     args = build_parser().parse_args(argv)
     options = RuntimeOptions(
         providers=args.providers,

@@ -17,10 +17,10 @@ import numpy as np
 
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
+from service.engine.explain import Explanation
+from service.engine.results import ScoredClass, top_k
 from service.errors import InvalidInput, client_text
-from service.explain import Explanation
-from service.repository import ModelSpec
-from service.results import ScoredClass, top_k
+from service.repository.disk import ModelSpec
 
 PLATFORM = "onnxruntime_onnx"
 

@@ -2,7 +2,7 @@
 
 `InferenceServicer` is the KServe V2 `inference.GRPCInferenceService`; `ClassificationServicer`
 is `convserve.v1.ImageClassification`. Errors are raised as domain exceptions and turned into
-status codes by `service.status.Call`.
+status codes by `service.wire.status.Call`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from service import converters, model_messages
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.admission import Admission
-from service.batcher import RequestTiming
-from service.classify import Classifier
+from service.engine.admission import Admission
+from service.engine.batcher import RequestTiming
+from service.engine.classify import Classifier
+from service.engine.explain import Explainer
+from service.engine.manager import LoadedModel, ModelManager
 from service.errors import InvalidInput, ModelNotReady, NotImplementedRpc, client_text
-from service.explain import Explainer
-from service.metrics import Metrics
-from service.models import LoadedModel, ModelManager
-from service.status import Call
+from service.observability.metrics import Metrics
+from service.wire import converters, model_messages
+from service.wire.status import Call
 
 SERVER_NAME = "convserve"
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.batcher import RequestTiming
+from service.engine.batcher import RequestTiming
+from service.engine.images import DEFAULT_IMAGE_FORMATS, decode_image
+from service.engine.results import ScoredClass, top_k
 from service.errors import InvalidInput
-from service.images import DEFAULT_IMAGE_FORMATS, decode_image
-from service.results import ScoredClass, top_k
 
 if TYPE_CHECKING:
-    from service.models import LoadedModel
+    from service.engine.manager import LoadedModel
 
 DEFAULT_TOP_K = 5
 

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.errors import ModelLoadError
-from service.repository import ModelSpec, read_metadata, spec_from_metadata
+from service.repository.disk import ModelSpec, read_metadata, spec_from_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from service.statistics import VersionStatistics
+from service.engine.statistics import VersionStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ OK = "OK"
 # Codes whose series exist from a model's load on, at 0, so that a refusal ratio or a refusal
 # panel has data (a rate of 0, not "no data") before the first refusal happens.
 REFUSAL_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "CANCELLED")
-# Why a call was refused with UNAUTHENTICATED (service/auth.py).
+# Why a call was refused with UNAUTHENTICATED (service/wire/auth.py).
 AUTH_FAILURES = ("missing", "invalid")
 # Model lifecycle events (convserve_model_lifecycle_events_total) and their outcomes.
 LIFECYCLE_EVENTS = ("load", "unload")

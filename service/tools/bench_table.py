@@ -1,11 +1,11 @@
 """Issue 11's table: the server against an inline reference server and ONNX Runtime alone.
 
-    python -m service.bench --table --model-repository bench_repository \
+    python -m service.tools.bench --table --model-repository bench_repository \
         --large-model resnet18 --small-model small_cnn --duration 8 --warmup 2
 
 (`make bench-table` builds the two models first; docs/benchmark.md shows a run.) Model by
 model: ONNX Runtime alone at each batch size (the ceiling), then every load of the table
-against `python -m service`, then against `python -m service.reference_server`, one server
+against `python -m service`, then against `python -m service.tools.reference_server`, one server
 process at a time; then each case with its ratio, its goal and whether it is met.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.bench import (
+from service.engine.runtime import RuntimeOptions
+from service.tools.bench import (
     figure,
     in_process,
     measure,
@@ -32,8 +33,7 @@ from service.bench import (
     server_command,
     spawned,
 )
-from service.loadgen import LoadResult
-from service.runtime import RuntimeOptions
+from service.tools.loadgen import LoadResult
 
 SERVER = "convserve"
 REFERENCE = "reference"

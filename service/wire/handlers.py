@@ -19,8 +19,8 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError
 
 from service.errors import InvalidInput
-from service.metrics import Metrics
-from service.status import Call
+from service.observability.metrics import Metrics
+from service.wire.status import Call
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
 

@@ -1,7 +1,7 @@
 """Closed-loop load from client processes: C clients, each sending a request and waiting for its
 answer, in a loop.
 
-`run_load()` starts `processes` client processes (`python -m service.loadgen`, C split between
+`run_load()` starts `processes` client processes (`python -m service.tools.loadgen`, C split between
 them), so that the load generator's own GIL never caps what the server is measured at. Each
 client process connects, fetches the model's metadata, builds its requests, says "ready" on
 stdout and waits for a line on stdin; `run_load()` starts them all at once, and each runs
@@ -9,7 +9,7 @@ stdout and waits for a line on stdin; `run_load()` starts them all at once, and 
 `duration_s` as JSON. Over that window `run_load()` also reads the CPU time (user + system, from
 /proc/PID/stat) of the client processes and of the server process when it is given.
 
-Used by `python -m service.bench`; kept apart from the benchmark's server management.
+Used by `python -m service.tools.bench`; kept apart from the benchmark's server management.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_load(
     clients = []
     for share in _split(concurrency, processes):
         command = [
-            sys.executable, "-m", "service.loadgen", "--address", address, "--model", model,
+            sys.executable, "-m", "service.tools.loadgen", "--address", address, "--model", model,
             "--concurrency", str(share), "--images-per-request", str(images_per_request),
             "--duration", str(duration_s), "--warmup", str(warmup_s), "--rpc", rpc,
         ]  # fmt: skip
@@ -264,9 +264,9 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """One client process: `python -m service.loadgen --address HOST:PORT --model NAME ...`,
+    """One client process: `python -m service.tools.loadgen --address HOST:PORT --model NAME ...`,
     started by `run_load()` (see the module docstring for the stdin/stdout protocol)."""
-    parser = argparse.ArgumentParser(prog="python -m service.loadgen", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m service.tools.loadgen", description=__doc__)
     add = parser.add_argument
     add("--address", required=True)
     add("--model", default="")

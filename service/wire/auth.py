@@ -30,9 +30,9 @@ import grpc
 from google.protobuf import descriptor
 
 from service.errors import ConfigurationError, Unauthenticated
-from service.health import SERVICE_NAME as HEALTH_SERVICE
-from service.metrics import Metrics
-from service.status import status_of
+from service.observability.metrics import Metrics
+from service.wire.health import SERVICE_NAME as HEALTH_SERVICE
+from service.wire.status import status_of
 
 logger = logging.getLogger(__name__)
 

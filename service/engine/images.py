@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from contract.preprocessing import prepare
 from service.errors import InvalidInput, client_text
-from service.repository import Preprocessing
+from service.repository.disk import Preprocessing
 
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 

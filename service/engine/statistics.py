@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.batcher import RequestTiming
+from service.engine.batcher import RequestTiming
 
 
 @dataclass

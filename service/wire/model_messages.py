@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from service._proto import grpc_service_pb2 as pb2
-from service.converters import PLATFORM
-from service.models import IndexRow, LoadedModel
-from service.policy import VersionPolicy
-from service.repository import MODEL_FILE
-from service.runtime import CUDA
-from service.statistics import Duration, VersionStatistics
+from service.engine.manager import IndexRow, LoadedModel
+from service.engine.runtime import CUDA
+from service.engine.statistics import Duration, VersionStatistics
+from service.repository.disk import MODEL_FILE
+from service.repository.policy import VersionPolicy
+from service.wire.converters import PLATFORM
 
 BACKEND = "onnxruntime"
 
@@ -73,7 +73,7 @@ def _duration(value: Duration) -> pb2.StatisticDuration:
 
 
 def model_statistics(name: str, version: int, stats: VersionStatistics) -> pb2.ModelStatistics:
-    """One version's counters (service/statistics.py says what each one means)."""
+    """One version's counters (service/engine/statistics.py says what each one means)."""
     return pb2.ModelStatistics(
         name=name,
         version=str(version),

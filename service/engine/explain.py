@@ -25,9 +25,9 @@ from contract.occlusion import (
     occlusion_map,
     pixel_map,
 )
-from service.classify import Classifier
+from service.engine.classify import Classifier
+from service.engine.manager import LoadedModel
 from service.errors import InvalidInput
-from service.models import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Command-line client for a convserve server.
 
-    python -m service.client health --address 127.0.0.1:8001      # exit 0 iff SERVING
-    python -m service.client metadata [--model mnist_cnn]
-    python -m service.client classify digit.png cat.jpg [--top-k 3] [--model mnist_cnn] [--json]
-    python -m service.client infer --random 4 [--classification 3]  # raw tensor via ModelInfer
-    python -m service.client infer --input batch.npy [--output logits.npy]
-    python -m service.client explain digit.png cat.jpg [--target 7] [--patch 7 --stride 2] \
+    python -m service.tools.client health --address 127.0.0.1:8001      # exit 0 iff SERVING
+    python -m service.tools.client metadata [--model mnist_cnn]
+    python -m service.tools.client classify digit.png cat.jpg [--top-k 3] [--model mnist_cnn]
+    python -m service.tools.client infer --random 4 [--classification 3]  # a raw tensor
+    python -m service.tools.client infer --input batch.npy [--output logits.npy]
+    python -m service.tools.client explain digit.png cat.jpg [--target 7] [--patch 7 --stride 2] \
         [--out DIR] [--json]                     # DIR/<name>.explain.png: the map over the image
 
 `--address` defaults to $CONVSERVE_ADDRESS, else 127.0.0.1:8001. Exit status: 0 on success,
@@ -13,9 +13,9 @@
 
 Against a server with TLS, token authentication or both (docs/security.md):
 
-    python -m service.client metadata --tls-ca ca.pem                      # TLS
-    python -m service.client metadata --tls-ca ca.pem --tls-cert me.pem --tls-key me.key  # mTLS
-    CONVSERVE_TOKEN=... python -m service.client classify digit.png --tls-ca ca.pem
+    python -m service.tools.client metadata --tls-ca ca.pem                      # TLS
+    python -m service.tools.client metadata --tls-ca ca.pem --tls-cert me.pem --tls-key me.key
+    CONVSERVE_TOKEN=... python -m service.tools.client classify digit.png --tls-ca ca.pem
 
 The token goes as `authorization: Bearer <token>` metadata; prefer $CONVSERVE_TOKEN or
 `--token-file` to `--token`, which any user of the machine can read in the process list.
@@ -186,7 +186,7 @@ def infer(channel: grpc.Channel, args: argparse.Namespace) -> int:
 
     from service._proto import grpc_service_pb2 as pb2
     from service._proto import grpc_service_pb2_grpc as pb2_grpc
-    from service.converters import NUMPY_DTYPES, deserialize_bytes
+    from service.wire.converters import NUMPY_DTYPES, deserialize_bytes
 
     stub = pb2_grpc.GRPCInferenceServiceStub(channel)
     model = stub.ModelMetadata(pb2.ModelMetadataRequest(name=args.model), timeout=args.timeout)
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--token-file", type=Path, help="read the token from this file")
     parser = argparse.ArgumentParser(
-        prog="python -m service.client",
+        prog="python -m service.tools.client",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m service.client`."""
+    """Entry point of `python -m service.tools.client`."""
     args = build_parser().parse_args(argv)
     try:
         channel = open_channel(args)

@@ -26,12 +26,12 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.batcher import Batcher
+from service.engine.batcher import Batcher
+from service.engine.runtime import OnnxModel
 from service.errors import InvalidInput, ModelNotFound, ModelNotReady, client_text
-from service.metrics import ModelMetrics
-from service.policy import Batching, ControlMode, VersionPolicy
-from service.repository import ModelEntry, ModelRepository, ModelSpec, VersionDir
-from service.runtime import OnnxModel
+from service.observability.metrics import ModelMetrics
+from service.repository.disk import ModelEntry, ModelRepository, ModelSpec, VersionDir
+from service.repository.policy import Batching, ControlMode, VersionPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Regenerates the Python code for the wire contract in `protos/` into `service/_proto/`.
 
-    python -m service.protogen            # what `make proto` runs
-    python -m service.protogen --out DIR  # generate into DIR/service/_proto (the staleness test)
+    python -m service.tools.protogen            # what `make proto` runs
+    python -m service.tools.protogen --out DIR  # into DIR/service/_proto (the staleness test)
 
 The import path is mapped at generation time (`-Iservice/_proto=protos`), so the generated
 modules import each other as `service._proto.x_pb2` without any rewriting. Type stubs (.pyi)
@@ -25,7 +25,7 @@ PROTO_PACKAGE = "service/_proto"
 
 def repository_root() -> Path:
     """The project checkout this module belongs to."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def proto_files(protos_dir: Path) -> list[Path]:
@@ -69,13 +69,15 @@ def generate(out_dir: Path, protos_dir: Path | None = None) -> list[Path]:
     if status != 0:
         raise RuntimeError(f"protoc failed with status {status}: {' '.join(args)}")
     init = target / "__init__.py"
-    init.write_text('"""Generated from protos/ by `python -m service.protogen`; do not edit."""\n')
+    init.write_text(
+        '"""Generated from protos/ by `python -m service.tools.protogen`; do not edit."""\n'
+    )
     return sorted(path for path in target.iterdir() if path.is_file())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: `python -m service.protogen [--out DIR]`."""
-    parser = argparse.ArgumentParser(prog="python -m service.protogen", description=__doc__)
+    """Entry point: `python -m service.tools.protogen [--out DIR]`."""
+    parser = argparse.ArgumentParser(prog="python -m service.tools.protogen", description=__doc__)
     parser.add_argument(
         "--out",
         type=Path,

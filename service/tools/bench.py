@@ -1,15 +1,15 @@
 """Closed-loop benchmark of convserve servers, next to in-process ONNX Runtime figures.
 
 Issue 11's table in one run (docs/benchmark.md; `make bench-table` builds the two models first):
-    python -m service.bench --table --model-repository bench_repository \
+    python -m service.tools.bench --table --model-repository bench_repository \
         --large-model resnet18 --small-model small_cnn --duration 8 --warmup 2
 
 Against a running server:
-    python -m service.bench --address 127.0.0.1:8001 --model mnist_cnn --concurrency 1 16 64
+    python -m service.tools.bench --address 127.0.0.1:8001 --model mnist_cnn --concurrency 1 16 64
 
 Or let it start the servers itself, one per max batch size, to compare batching on and off
 (the in-process figures need --model-repository):
-    python -m service.bench --model-repository model_repository --model mnist_cnn \
+    python -m service.tools.bench --model-repository model_repository --model mnist_cnn \
         --server-max-batch-size 1 32 --concurrency 1 64 --duration 10
 
 Each concurrency level runs C clients, in --client-processes separate processes, that each send
@@ -17,7 +17,7 @@ a request and wait for its answer, again and again, for --duration seconds after
 seconds. The tables give images/s, latency percentiles, and the CPU time per request of the
 server and of the client processes over the measured window; the in-process rows give ONNX
 Runtime alone at each batch size, the ceiling the server approaches. --table also starts
-`python -m service.reference_server` (ONNX Runtime called inline in the gRPC handler: the
+`python -m service.tools.reference_server` (ONNX Runtime called inline in the gRPC handler: the
 naive baseline) and prints every case of the table with its ratio and goal.
 """
 
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.loadgen import LoadResult, run_load
-from service.repository import ModelRepository
-from service.runtime import OnnxModel, RuntimeOptions
+from service.engine.runtime import OnnxModel, RuntimeOptions
+from service.repository.disk import ModelRepository
+from service.tools.loadgen import LoadResult, run_load
 
 SERVER_START_TIMEOUT_S = 300.0
 
@@ -148,10 +148,10 @@ def server_command(repository: Path, extra: Sequence[str]) -> list[str]:
 
 
 def reference_command(repository: Path, model: str, extra: Sequence[str]) -> list[str]:
-    """`python -m service.reference_server` on a free port."""
+    """`python -m service.tools.reference_server` on a free port."""
     return [
-        sys.executable, "-m", "service.reference_server", "--model-repository", str(repository),
-        "--model", model, *extra,
+        sys.executable, "-m", "service.tools.reference_server",
+        "--model-repository", str(repository), "--model", model, *extra,
     ]  # fmt: skip
 
 
@@ -178,7 +178,7 @@ def print_table(results: Sequence[LoadResult]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.bench",
+        prog="python -m service.tools.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -327,12 +327,12 @@ def run_levels(args: argparse.Namespace, model: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m service.bench`."""
+    """Entry point of `python -m service.tools.bench`."""
     args = build_parser().parse_args(argv)
     if args.table:
         if args.model_repository is None or not args.in_process_batch_sizes:
             raise SystemExit("--table needs --model-repository and in-process batch sizes")
-        from service.bench_table import run_table  # the table mode imports this module
+        from service.tools.bench_table import run_table  # the table mode imports this module
 
         return run_table(args)
     if args.address is None and args.model_repository is None:

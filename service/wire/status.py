@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from service.admission import Admission
+from service.engine.admission import Admission
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -33,7 +33,7 @@ from service.errors import (
     Unauthenticated,
     UnknownService,
 )
-from service.metrics import Metrics, ModelMetrics
+from service.observability.metrics import Metrics, ModelMetrics
 
 logger = logging.getLogger(__name__)
 

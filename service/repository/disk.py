@@ -2,9 +2,9 @@
 
 `ModelRepository.scan()` lists the models, each with every numbered version directory (complete
 or not, with a fingerprint of its files) and its config.json; which versions are served is the
-model manager's choice (service/policy.py). `spec_from_metadata()` turns a model's `convserve.*`
-metadata into a `ModelSpec`: its labels and how an image becomes its input. Nothing here loads a
-session.
+model manager's choice (service/repository/policy.py). `spec_from_metadata()` turns a model's
+`convserve.*` metadata into a `ModelSpec`: its labels and how an image becomes its input.
+Nothing here loads a session.
 
 A model directory, a version's directory or files, or config.json, that resolves outside the
 repository (a symlink out of it) is refused: the model fails to load with a message naming the
@@ -37,7 +37,7 @@ from contract.layout import (
 )
 from contract.preprocessing import COLOR_MODES, RESIZE_FILTERS
 from service.errors import ConfigurationError, ModelLoadError
-from service.policy import CONFIG_FILE, ModelConfig, read_model_config
+from service.repository.policy import CONFIG_FILE, ModelConfig, read_model_config
 
 logger = logging.getLogger(__name__)
 
