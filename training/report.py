@@ -14,6 +14,7 @@ The figures are drawn by :mod:`training.report_figures`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,16 +211,21 @@ def mistakes_section(
         "![misclassified test images](mistakes.png)",
         "",
     ]
-    if found:
-        lines += ["| test image | true | first choice | second choice |", "|---:|---|---|---|"]
-        for mistake in found[:MISTAKES_LISTED]:
-            (first, p_first), (second, p_second) = mistake.top2
-            lines.append(
-                f"| {mistake.index} | {classes[mistake.label]} | {classes[first]} "
-                f"({p_first:.3f}) | {classes[second]} ({p_second:.3f}) |"
-            )
-        lines.append("")
-    return lines
+    return lines + mistakes_table(found, classes)
+
+
+def mistakes_table(found: Sequence[Mistake], classes: Sequence[str]) -> list[str]:
+    """The first MISTAKES_LISTED mistakes as a Markdown table (none: no table)."""
+    if not found:
+        return []
+    lines = ["| test image | true | first choice | second choice |", "|---:|---|---|---|"]
+    for mistake in found[:MISTAKES_LISTED]:
+        (first, p_first), (second, p_second) = mistake.top2
+        lines.append(
+            f"| {mistake.index} | {classes[mistake.label]} | {classes[first]} "
+            f"({p_first:.3f}) | {classes[second]} ({p_second:.3f}) |"
+        )
+    return [*lines, ""]
 
 
 def filters_section(weight: torch.Tensor, path: Path) -> list[str]:

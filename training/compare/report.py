@@ -25,7 +25,7 @@ from training.compare.shift import DIRECTIONS, shift_verdict
 from training.config import TrainConfig
 from training.data import Dataset
 from training.page import PAGE, write_page
-from training.report import MISTAKES_LISTED
+from training.report import mistakes_table
 from training.report_figures import plot_mistakes
 
 if TYPE_CHECKING:
@@ -239,16 +239,7 @@ def _mistakes(measured: Measurements, classes: list[str]) -> list[str]:
         "![misclassified test images](mistakes.png)",
         "",
     ]
-    if found:
-        lines += ["| test image | true | first choice | second choice |", "|---:|---|---|---|"]
-        for mistake in found[:MISTAKES_LISTED]:
-            (first, p_first), (second, p_second) = mistake.top2
-            lines.append(
-                f"| {mistake.index} | {classes[mistake.label]} | {classes[first]} "
-                f"({p_first:.3f}) | {classes[second]} ({p_second:.3f}) |"
-            )
-        lines.append("")
-    return lines
+    return lines + mistakes_table(found, classes)
 
 
 def write_comparison_report(
