@@ -36,6 +36,7 @@ TRAINING_KEY = "convserve.training"
 DATASET_KEY = "convserve.dataset"
 TEST_ACCURACY_KEY = "convserve.test_accuracy"
 CREATED_KEY = "convserve.created"
+QUANTIZATION_KEY = "convserve.quantization"
 
 
 def is_model_name(name: str) -> bool:

@@ -32,12 +32,11 @@ from contract.layout import (
     DATASET_KEY,
     FORMAT_KEY,
     INPUT_NAME,
-    KEY_PREFIX,
     LABELS_KEY,
-    METADATA_FILE,
     MODEL_CONFIG_KEY,
     MODEL_FILE,
     PREPROCESSING_KEY,
+    QUANTIZATION_KEY,
     REPORT_DIR,
     TEST_ACCURACY_KEY,
     TRAINING_KEY,
@@ -57,7 +56,6 @@ from training.repository import check_model_name, publish, staging_directory, ve
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_KEY = f"{KEY_PREFIX}quantization"
 REQUIRED_KEYS = (FORMAT_KEY, LABELS_KEY, PREPROCESSING_KEY)
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"})
@@ -406,7 +404,6 @@ def quantize_version(config: QuantizeConfig) -> QuantizedVersion:
         )
         embed_metadata(onnx_path, metadata)
         write_version_files(staging, source.labels, metadata)
-        _decode_record(staging / METADATA_FILE)
         version, path = publish(staging, staging.parent)
     return QuantizedVersion(
         config.target_model, version, path, source.model, source.version, record
@@ -476,10 +473,3 @@ def _metadata(source: SourceVersion, record: dict[str, Any]) -> dict[str, str]:
     )
     metadata[QUANTIZATION_KEY] = json.dumps(record, sort_keys=True)
     return metadata
-
-
-def _decode_record(metadata_json: Path) -> None:
-    """metadata.json holds JSON values decoded; the quantization record is one of them."""
-    decoded = json.loads(metadata_json.read_text())
-    decoded[QUANTIZATION_KEY] = json.loads(decoded[QUANTIZATION_KEY])
-    metadata_json.write_text(json.dumps(decoded, indent=2) + "\n")

@@ -55,18 +55,13 @@ class LoadedModel:
         runtime: OnnxModel,
         batcher: Batcher,
         metrics: ModelMetrics,
-        batching: Batching | None = None,
+        batching: Batching,
     ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.batcher = batcher
         self.metrics = metrics
-        self.batching = batching or Batching(
-            max_batch_size=batcher.max_batch_size,
-            max_queue_delay_us=round(batcher.max_queue_delay_s * 1e6),
-            queue_capacity=batcher.queue_capacity,
-            max_concurrent_batches=batcher.max_concurrent_batches,
-        )
+        self.batching = batching
         self.leases = 0
         self._idle: asyncio.Event | None = None
 
@@ -312,7 +307,8 @@ class ModelManager:
                 await self._load_version(record, found, batching)
         # Which ready versions stay: the policy applied to the versions ready now (and still
         # on disk), so a version that is not ready never pushes out one that is.
-        ready = [v.number for v in record.ready() if v.number in self._servable(record, entry)]
+        servable = set(self._servable(record, entry))
+        ready = [v.number for v in record.ready() if v.number in servable]
         wanted = policy.select(ready)
         for number, version in sorted(record.versions.items()):
             if version.state is VersionState.READY and number not in wanted:
