@@ -68,7 +68,7 @@ def in_process(
         images = rng.integers(0, 256, size=(size, *runtime.spec.input_shape), dtype=np.uint8)
         runtime.run_blocking(images)
         done, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds:
+        while (elapsed := time.perf_counter() - started) < seconds or done == 0:
             runtime.run_blocking(images)
             done += size
         figures.append((size, done / elapsed))

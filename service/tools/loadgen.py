@@ -4,10 +4,13 @@ answer, in a loop.
 `run_load()` starts `processes` client processes (`python -m service.tools.loadgen`, C split between
 them), so that the load generator's own GIL never caps what the server is measured at. Each
 client process connects, fetches the model's metadata, builds its requests, says "ready" on
-stdout and waits for a line on stdin; `run_load()` starts them all at once, and each runs
-`warmup_s + duration_s` seconds and prints the latencies of the calls it started in the last
-`duration_s` as JSON. Over that window `run_load()` also reads the CPU time (user + system, from
-/proc/PID/stat) of the client processes and of the server process when it is given.
+stdout and waits for a line on stdin; `run_load()` starts them all at once. Each client runs
+`warmup_s` unmeasured seconds, then measures the calls it starts in the next `duration_s`, and
+goes on past that until it has started at least `min_requests` measured calls, so that a slow or
+busy machine gives fewer figures, never none. Each process prints, as JSON, its latencies, its
+measured window (CLOCK_MONOTONIC, common to all processes) and its own CPU time over that
+window; `run_load()` divides by the union of the windows, and reads the CPU time of the server
+process, when given, from /proc/PID/stat over the same span.
 
 Used by `python -m service.tools.bench`; kept apart from the benchmark's server management.
 """
@@ -126,19 +129,22 @@ def run_load(
     *,
     processes: int = 1,
     server_pid: int | None = None,
+    min_requests: int = 1,
 ) -> LoadResult:
-    """C closed-loop clients in `processes` client processes for warmup + duration seconds;
-    only the last `duration_s` counts."""
+    """C closed-loop clients in `processes` client processes: warmup, then a measured window of
+    at least `duration_s` in which each client starts at least `min_requests` calls."""
     clients = []
     for share in _split(concurrency, processes):
         command = [
             sys.executable, "-m", "service.tools.loadgen", "--address", address, "--model", model,
             "--concurrency", str(share), "--images-per-request", str(images_per_request),
             "--duration", str(duration_s), "--warmup", str(warmup_s), "--rpc", rpc,
+            "--min-requests", str(min_requests),
         ]  # fmt: skip
         clients.append(
             subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         )
+    servers = [server_pid] if server_pid is not None else []
     try:
         for client in clients:
             _wait_ready(client)
@@ -146,25 +152,22 @@ def run_load(
             assert client.stdin is not None
             client.stdin.write("go\n")
             client.stdin.flush()
-        started = time.monotonic()
-        watched = [c.pid for c in clients]
-        servers = [server_pid] if server_pid is not None else []
         time.sleep(warmup_s)
-        client_before, server_before = _cpu_total(watched), _cpu_total(servers)
-        time.sleep(max(0.0, started + warmup_s + duration_s - time.monotonic()))
-        client_after, server_after = _cpu_total(watched), _cpu_total(servers)
+        server_before = _cpu_total(servers)
         reports = []
         for client in clients:
-            output, _ = client.communicate(timeout=duration_s + warmup_s + 120)
+            output, _ = client.communicate()
             if client.returncode != 0:
                 raise RuntimeError(f"load client exited with {client.returncode}")
             reports.append(json.loads(output))
+        server_after = _cpu_total(servers)
     finally:
         for client in clients:
             if client.poll() is None:
                 client.kill()
                 client.wait()
     latencies = [latency for report in reports for latency in report["latencies_s"]]
+    window_s = max(r["window_end"] for r in reports) - min(r["window_start"] for r in reports)
     p50, p90, p99 = _percentiles(latencies)
     return LoadResult(
         label,
@@ -172,12 +175,12 @@ def run_load(
         images_per_request,
         len(latencies),
         sum(report["errors"] for report in reports),
-        len(latencies) * images_per_request / duration_s,
+        len(latencies) * images_per_request / window_s,
         p50,
         p90,
         p99,
         _difference(server_before, server_after) if servers else None,
-        _difference(client_before, client_after),
+        sum(report["cpu_s"] for report in reports),
         next((r["first_error"] for r in reports if r["first_error"]), ""),
     )
 
@@ -194,6 +197,11 @@ def _wait_ready(client: subprocess.Popen[str]) -> None:
         raise RuntimeError(f"load client did not start (exit status {client.returncode})")
 
 
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 async def closed_loop(
     address: str,
     model: str,
@@ -202,6 +210,7 @@ async def closed_loop(
     duration_s: float,
     warmup_s: float,
     rpc: str,
+    min_requests: int = 1,
 ) -> dict[str, Any]:
     """One client process's load: says READY, waits for a line on stdin, then runs."""
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
@@ -237,23 +246,38 @@ async def closed_loop(
         latencies: list[float] = []
         errors = 0
         first_error = ""
+        cpu_at_start: list[float] = []
+
+        async def mark_start() -> None:
+            await asyncio.sleep(warmup_s)
+            cpu_at_start.append(_own_cpu_seconds())
 
         async def client(index: int) -> None:
             nonlocal errors, first_error
-            i = index
-            while (now := loop.time()) < stop_at:
+            i, measured = index, 0
+            while (now := loop.time()) < stop_at or measured < min_requests:
+                counted = now >= measure_from
+                measured += counted
                 try:
                     await call(requests[i % len(requests)], timeout=60)
                 except grpc.RpcError as error:
                     errors += 1
                     first_error = first_error or f"{error.code().name}: {error.details()}"
                     continue
-                if now >= measure_from:
+                if counted:
                     latencies.append(loop.time() - now)
                 i += 1
 
-        await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return {"latencies_s": latencies, "errors": errors, "first_error": first_error}
+        await asyncio.gather(mark_start(), *(client(i) for i in range(concurrency)))
+        window_end, cpu_at_end = loop.time(), _own_cpu_seconds()
+    return {
+        "latencies_s": latencies,
+        "errors": errors,
+        "first_error": first_error,
+        "window_start": measure_from,
+        "window_end": window_end,
+        "cpu_s": cpu_at_end - cpu_at_start[0],
+    }
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -275,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add("--duration", type=float, default=10.0)
     add("--warmup", type=float, default=2.0)
     add("--rpc", choices=("infer", "classify"), default="infer")
+    add("--min-requests", type=int, default=1, help="measured calls per client, at least")
     args = parser.parse_args(argv)
     report = asyncio.run(
         closed_loop(
@@ -285,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.duration,
             args.warmup,
             args.rpc,
+            args.min_requests,
         )
     )
     print(json.dumps(report))
