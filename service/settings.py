@@ -203,6 +203,14 @@ class Settings:
         default=1,
         metadata=_doc("batches one model may compute at the same time (runtime executor threads)"),
     )
+    inline_run_max_us: int = field(
+        default=1000,
+        metadata=_doc(
+            "a batch whose measured run time is at most this, in µs, runs on the event loop "
+            "itself when nothing else computes or waits (no hand-off to the runtime's thread); "
+            "0 = never"
+        ),
+    )
     queue_capacity: int = field(
         default=512,
         metadata=_doc("most items waiting per model; beyond it requests get RESOURCE_EXHAUSTED"),
@@ -260,7 +268,13 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "inter_op_threads", "max_queue_delay_us"):
+        non_negative = (
+            "intra_op_threads",
+            "inter_op_threads",
+            "max_queue_delay_us",
+            "inline_run_max_us",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.grace_period_s < 0:
@@ -300,6 +314,7 @@ class Settings:
             max_queue_delay_us=self.max_queue_delay_us,
             queue_capacity=self.queue_capacity,
             max_concurrent_batches=self.max_concurrent_batches,
+            inline_run_max_us=self.inline_run_max_us,
         )
 
     @property

@@ -19,6 +19,12 @@ polls the queue; a timer stands in for the delay below):
   returned results are handed out: the runtime computes it while the event loop answers. A
   partial batch waits until the answers are handed out (it can grow meanwhile): a cheap model
   whose requests trickle in would otherwise run one batch per request;
+- at low load, a batch runs on the event loop itself through `run_inline` (the hand-off to the
+  runtime's thread and back costs a cheap model more than its run) when nothing else computes
+  or waits, batches like it take at most `inline_max_s` (the cost per item of recent batches,
+  times its items), and the last QUIET_RUNS batches on the runner saw no request arrive while
+  they computed. On the loop nothing can arrive meanwhile, so one in PROBE_EVERY such batches
+  goes to the runner anyway: an arrival during it means the load rose and batching resumes;
 - a batch never holds more than `max_batch_size` items; a request larger than that is split
   into chunks and its results joined back;
 - results are split back in order; an error in a batch reaches every request of that batch;
@@ -51,6 +57,11 @@ from service.errors import (
 logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
+RunInline = Callable[[np.ndarray], np.ndarray]
+# Runs on the loop need this many consecutive runs on the runner with no arrival meanwhile ...
+QUIET_RUNS = 4
+# ... and one in this many of them goes to the runner again, to see whether the load rose.
+PROBE_EVERY = 16
 
 
 class BatchObserver(Protocol):
@@ -120,8 +131,15 @@ class Batcher:
         observer: BatchObserver | None = None,
         name: str = "model",
         clock: Callable[[], float] | None = None,
+        run_inline: RunInline | None = None,
+        inline_max_s: float = 0.0,
     ) -> None:
         self._run_batch = run_batch
+        self._run_inline = run_inline
+        self.inline_max_s = inline_max_s
+        self._per_item_s: float | None = None  # compute time per item, recent batches
+        self._quiet_runs = 0  # consecutive runs on the runner during which nothing arrived
+        self._inline_candidates = 0
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.queue_capacity = queue_capacity
@@ -265,6 +283,9 @@ class Batcher:
         batch = self._take(loop)
         if not batch:
             return
+        if self._runs_inline(batch):
+            self._execute_inline(batch, loop)
+            return
         self._computing += 1
         task = loop.create_task(self._execute(batch, loop))
         self._batches.add(task)
@@ -284,36 +305,63 @@ class Batcher:
         if not batch:
             self._run_returned(loop)
             return
-        size = sum(len(p.items) for p in batch)
-        self._observer.batch_started(size, [started - p.enqueued_at for p in batch])
+        items, size = self._begin(batch, started)
         try:
-            items = batch[0].items if len(batch) == 1 else np.concatenate([p.items for p in batch])
-            outputs = await self._run_batch(items)
-            if len(outputs) != size:
-                raise RuntimeError(f"batch of {size} items gave {len(outputs)} outputs")
+            outputs = _checked(await self._run_batch(items), size)
         except BaseException as error:  # cancelled too: the slot is freed in any case
             self._run_returned(loop)
-            answer: ServiceError
-            if isinstance(error, ServiceError):
-                answer = error
-            elif isinstance(error, Exception):
-                logger.exception("model %s: batch of %d items failed", self.name, size)
-                answer = InternalError(
-                    f"model {self.name}: batch of {size} items failed: {error!r}"
-                )
-            else:  # the batch's task was cancelled: the loop is closing
-                answer = ModelNotReady(f"model {self.name} is shutting down")
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(answer)
-            self._finished(size, self._now(loop) - started, ok=False)
+            self._fail(batch, size, error, self._now(loop) - started)
             if not isinstance(error, Exception):
                 raise
             return
         compute_s = self._now(loop) - started
+        self._quiet_runs = 0 if self._queue else self._quiet_runs + 1
         pipelined = self._queued_items >= self.max_batch_size
         if pipelined:  # a full batch waits: it goes to the runner before these answers
             self._run_returned(loop)
+        self._answer(batch, outputs, started, compute_s)
+        if not pipelined:  # after the answers just scheduled: the batch grows meanwhile
+            loop.call_soon(self._run_returned, loop, False)
+        self._finished(size, compute_s, ok=True)
+
+    def _runs_inline(self, batch: list[_Pending]) -> bool:
+        """True when the batch may run on the event loop itself: the load is low (the last
+        QUIET_RUNS runs on the runner saw no request arrive while they computed), nothing
+        else computes or waits, and batches like it have taken at most `inline_max_s`. Every
+        PROBE_EVERY-th such batch goes to the runner anyway, to see whether the load rose:
+        on the loop, arrivals cannot pile up into batches, so high load would not show."""
+        if self._run_inline is None or self._computing or self._queue:
+            return False
+        if self._quiet_runs < QUIET_RUNS or self._per_item_s is None:
+            return False
+        if self._per_item_s * sum(len(p.items) for p in batch) > self.inline_max_s:
+            return False
+        self._inline_candidates += 1
+        return self._inline_candidates % PROBE_EVERY != 0
+
+    def _execute_inline(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        assert self._run_inline is not None
+        started = self._now(loop)
+        items, size = self._begin(batch, started)
+        try:
+            outputs = _checked(self._run_inline(items), size)
+        except Exception as error:
+            self._fail(batch, size, error, self._now(loop) - started)
+            return
+        compute_s = self._now(loop) - started
+        self._answer(batch, outputs, started, compute_s)
+        self._finished(size, compute_s, ok=True)
+
+    def _begin(self, batch: list[_Pending], started: float) -> tuple[np.ndarray, int]:
+        size = sum(len(p.items) for p in batch)
+        self._observer.batch_started(size, [started - p.enqueued_at for p in batch])
+        items = batch[0].items if len(batch) == 1 else np.concatenate([p.items for p in batch])
+        return items, size
+
+    def _answer(
+        self, batch: list[_Pending], outputs: np.ndarray, started: float, compute_s: float
+    ) -> None:
+        """Splits the outputs back in order (the callers resume at the next turn)."""
         offset = 0
         for pending in batch:
             count = len(pending.items)
@@ -323,12 +371,30 @@ class Batcher:
             if not pending.future.done():
                 pending.future.set_result(outputs[offset : offset + count])
             offset += count
-        if not pipelined:  # after the answers just scheduled: the batch grows meanwhile
-            loop.call_soon(self._run_returned, loop, False)
-        self._finished(size, compute_s, ok=True)
+
+    def _fail(
+        self, batch: list[_Pending], size: int, error: BaseException, compute_s: float
+    ) -> None:
+        """The same error for every request of the batch."""
+        answer: ServiceError
+        if isinstance(error, ServiceError):
+            answer = error
+        elif isinstance(error, Exception):
+            logger.exception("model %s: batch of %d items failed", self.name, size)
+            answer = InternalError(f"model {self.name}: batch of {size} items failed: {error!r}")
+        else:  # the batch's task was cancelled: the loop is closing
+            answer = ModelNotReady(f"model {self.name} is shutting down")
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(answer)
+        self._finished(size, compute_s, ok=False)
 
     def _finished(self, size: int, compute_s: float, *, ok: bool) -> None:
         self._observer.batch_finished(size, compute_s, ok)
+        if ok:  # the cost per item of recent batches, for _runs_inline
+            per_item = compute_s / size
+            previous = self._per_item_s
+            self._per_item_s = per_item if previous is None else 0.8 * previous + 0.2 * per_item
         self.stats.batches += 1
         self.stats.items += size
         self.stats.largest_batch = max(self.stats.largest_batch, size)
@@ -347,3 +413,9 @@ class Batcher:
         self._observer.queue_depth(0)
         if self._batches:
             await asyncio.gather(*self._batches, return_exceptions=True)
+
+
+def _checked(outputs: np.ndarray, size: int) -> np.ndarray:
+    if len(outputs) != size:
+        raise RuntimeError(f"batch of {size} items gave {len(outputs)} outputs")
+    return outputs

@@ -168,6 +168,13 @@ class OnnxModel:
         output: np.ndarray = self._session.run(self._output_names, feeds)[0]
         return output
 
+    def run_now(self, images: np.ndarray) -> np.ndarray:
+        """Runs one batch in the calling thread (the event loop's, for batches short enough
+        that a hand-off to the worker threads would cost more than it frees)."""
+        if self._closed:
+            raise RuntimeError(f"model {self.spec.name}: the runtime is closed")
+        return self.run_blocking(images)
+
     async def run(self, images: np.ndarray) -> np.ndarray:
         """Runs one batch on the model's worker threads without blocking the event loop."""
         if self._closed:

@@ -96,10 +96,15 @@ class Batching:
     max_queue_delay_us: int = 2000
     queue_capacity: int = 512
     max_concurrent_batches: int = 1
+    inline_run_max_us: int = 1000
 
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_us / 1e6
+
+    @property
+    def inline_run_max_s(self) -> float:
+        return self.inline_run_max_us / 1e6
 
 
 # config.json keys -> (what the value must be, the smallest allowed value)
@@ -108,6 +113,7 @@ BATCHING_KEYS: Mapping[str, int] = {
     "max_queue_delay_us": 0,
     "queue_capacity": 1,
     "max_concurrent_batches": 1,
+    "inline_run_max_us": 0,
 }
 CONFIG_KEYS = ("version_policy", *BATCHING_KEYS)
 

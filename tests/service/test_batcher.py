@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.batcher import Batcher
+from service.engine.batcher import PROBE_EVERY, QUIET_RUNS, Batcher
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -27,13 +27,25 @@ class FakeRuntime:
     def __init__(self, fail: bool = False, gated: bool = False) -> None:
         self.fail = fail
         self.batches: list[np.ndarray] = []
+        self.inline_batches: list[np.ndarray] = []
         self.gate = asyncio.Event()
         if not gated:
             self.gate.set()
+        self.clock: FakeClock | None = None
+        self.cost_per_item_s = 0.0  # what a run costs on `clock`
 
     async def run(self, items: np.ndarray) -> np.ndarray:
         self.batches.append(items.copy())
         await self.gate.wait()
+        return self._compute(items)
+
+    def run_inline(self, items: np.ndarray) -> np.ndarray:
+        self.inline_batches.append(items.copy())
+        return self._compute(items)
+
+    def _compute(self, items: np.ndarray) -> np.ndarray:
+        if self.clock is not None:
+            self.clock.now += self.cost_per_item_s * len(items)
         if self.fail:
             raise RuntimeError("boom")
         return items * 2
@@ -294,6 +306,90 @@ async def test_a_deadline_passing_between_batching_and_compute_is_honoured() -> 
     with pytest.raises(DeadlineExceeded):
         await batcher.infer(items(5), deadline=clock.now + 0.5)
     assert runtime.batches == []
+    await batcher.close()
+
+
+def make_inline(runtime: FakeRuntime, cost_per_item_s: float, inline_max_s: float) -> Batcher:
+    runtime.clock, runtime.cost_per_item_s = FakeClock(), cost_per_item_s
+    return make(
+        runtime, clock=runtime.clock, run_inline=runtime.run_inline, inline_max_s=inline_max_s
+    )
+
+
+async def quiet_runs(batcher: Batcher, runtime: FakeRuntime) -> None:
+    """Requests one at a time until batches run on the loop: QUIET_RUNS runs on the runner."""
+    before = (len(runtime.batches), len(runtime.inline_batches))
+    for i in range(QUIET_RUNS):
+        np.testing.assert_array_equal(await batcher.infer(items(i)), items(2 * i))
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (
+        before[0] + QUIET_RUNS, before[1]
+    )  # fmt: skip
+
+
+async def test_at_low_load_a_short_batch_runs_on_the_loop() -> None:
+    runtime = FakeRuntime()
+    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001)
+    await quiet_runs(batcher, runtime)
+    np.testing.assert_array_equal(await batcher.infer(items(2, n=3)), items(4, n=3))
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS, 1)  # 0.6 ms
+    np.testing.assert_array_equal(await batcher.infer(items(3, n=8)), items(6, n=8))
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS + 1, 1)  # 1.6 ms
+    await batcher.close()
+
+
+async def test_an_arrival_during_a_probe_ends_runs_on_the_loop() -> None:
+    runtime = FakeRuntime()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
+    await quiet_runs(batcher, runtime)
+    for i in range(PROBE_EVERY - 1):
+        await batcher.infer(items(i))
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS, PROBE_EVERY - 1)
+    runtime.gate.clear()
+    probe = asyncio.create_task(batcher.infer(items(1)))  # the probe: on the runner, gated
+    await settle()
+    arrived = asyncio.create_task(batcher.infer(items(2)))  # arrives while it computes
+    await settle()
+    assert len(runtime.batches) == QUIET_RUNS + 1
+    runtime.gate.set()
+    assert [int(r[0, 0]) for r in await asyncio.gather(probe, arrived)] == [2, 4]
+    assert len(runtime.batches) == QUIET_RUNS + 2  # the load rose: back to the runner ...
+    for i in range(QUIET_RUNS - 1):  # ... until it is quiet again (the arrival's run was)
+        await batcher.infer(items(i))
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (
+        2 * QUIET_RUNS + 1, PROBE_EVERY - 1
+    )  # fmt: skip
+    await batcher.infer(items(3))
+    assert len(runtime.inline_batches) == PROBE_EVERY
+    await batcher.close()
+
+
+async def test_a_batch_beside_a_computing_one_never_runs_on_the_loop() -> None:
+    runtime = FakeRuntime()
+    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001)
+    await quiet_runs(batcher, runtime)
+    runtime.gate.clear()
+    big = asyncio.create_task(batcher.infer(items(1, n=8)))  # 1.6 ms: to the runner, gated
+    await settle()
+    queued = [asyncio.create_task(batcher.infer(items(i))) for i in (2, 3)]
+    await settle()
+    assert runtime.inline_batches == [] and len(runtime.batches) == QUIET_RUNS + 1  # they wait
+    runtime.gate.set()
+    results = await asyncio.gather(big, *queued)
+    assert [int(r[0, 0]) for r in results] == [2, 4, 6]
+    assert len(runtime.batches) == QUIET_RUNS + 2 and runtime.inline_batches == []
+    await batcher.close()
+
+
+async def test_an_error_on_the_loop_reaches_every_request_and_serving_goes_on() -> None:
+    runtime = FakeRuntime()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
+    await quiet_runs(batcher, runtime)
+    runtime.fail = True
+    with pytest.raises(InternalError, match="batch of 2 items failed"):
+        await batcher.infer(items(1, n=2))
+    assert len(runtime.inline_batches) == 1
+    runtime.fail = False
+    np.testing.assert_array_equal(await batcher.infer(items(1)), items(2))
     await batcher.close()
 
 
