@@ -59,9 +59,9 @@ logger = logging.getLogger(__name__)
 RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
 RunInline = Callable[[np.ndarray], np.ndarray]
 # Runs on the loop need this many consecutive runs on the runner with no arrival meanwhile ...
-QUIET_RUNS = 4
+QUIET_RUNS = 16
 # ... and one in this many of them goes to the runner again, to see whether the load rose.
-PROBE_EVERY = 16
+PROBE_EVERY = 8
 
 
 class BatchObserver(Protocol):
