@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 MODEL      ?= mnist_cnn
 
-.PHONY: run train serve test test-contended faults lint typecheck proto tools bench bench-table clean constraints
+.PHONY: run train serve test test-contended faults lint typecheck proto tools bench bench-table bench-int8 clean constraints
 
 # --- set-up -----------------------------------------------------------------
 # Every install takes its versions from constraints.txt, the versions the tests ran; the images
@@ -74,6 +74,27 @@ bench-table: $(VENV)/.stamp-run
 	$(PY) -m service.tools.bench --table --model-repository $(BENCH_REPOSITORY) --large-model resnet18 \
 		--small-model small_cnn --providers cpu --duration $(BENCH_SECONDS) \
 		--warmup $(BENCH_WARMUP) --in-process-batch-sizes 1 2 4 8 16 32 64
+
+# INT8 against FP32 (issue 11, docs/benchmark.md): INT8 siblings of the two bench models, ONNX
+# Runtime alone (interleaved rounds), then each served at 64 clients, FP32 and INT8 alternating.
+# The 1-epoch small_cnn is a speed stand-in: its accuracy bound is proven on the default model
+# (docs/quantization.md), so the bound is lifted here.
+BENCH_INT8_SERVED := small_cnn small_cnn_int8 resnet18 resnet18_int8
+bench-int8: $(VENV)/.stamp-run
+	$(BENCH_RESNET18)
+	$(BENCH_SMALL_CNN)
+	test -d $(BENCH_REPOSITORY)/resnet18_int8 || $(PY) -m training quantize \
+		--repository $(BENCH_REPOSITORY) --model resnet18 --calibration random
+	test -d $(BENCH_REPOSITORY)/small_cnn_int8 || $(PY) -m training quantize \
+		--repository $(BENCH_REPOSITORY) --model small_cnn --max-accuracy-drop 100
+	$(PY) -m training.quantize_bench $(BENCH_REPOSITORY)/small_cnn_int8 \
+		$(BENCH_REPOSITORY)/resnet18_int8 --batch-sizes 1 8 32 64 128
+	for model in $(BENCH_INT8_SERVED); do \
+		$(PY) -m service.tools.bench --model-repository $(BENCH_REPOSITORY) --model $$model \
+			--providers cpu --server-max-batch-size 32 --concurrency 64 \
+			--duration $(BENCH_SECONDS) --warmup $(BENCH_WARMUP) --in-process-batch-sizes \
+			|| exit 1; \
+	done
 
 # --- checks -------------------------------------------------------------------
 test: $(VENV)/.stamp-dev tools lint typecheck
