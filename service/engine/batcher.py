@@ -89,12 +89,14 @@ class _NullObserver:
 
 @dataclass
 class BatcherStats:
-    """Counts since start: batches run, items computed, and the largest batch."""
+    """Counts since start: batches run (of them on the event loop), items computed, the
+    largest batch, requests dropped before compute."""
 
     batches: int = 0
     items: int = 0
     largest_batch: int = 0
     dropped: int = 0
+    on_loop: int = 0
 
 
 @dataclass
@@ -341,6 +343,7 @@ class Batcher:
 
     def _execute_inline(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         assert self._run_inline is not None
+        self.stats.on_loop += 1
         started = self._now(loop)
         items, size = self._begin(batch, started)
         try:

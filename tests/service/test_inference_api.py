@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from service._proto import grpc_service_pb2 as pb2
+from service.engine.batcher import PROBE_EVERY, QUIET_RUNS
 from service.wire import converters
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import RunningServer, StartServer, random_images
@@ -83,6 +84,28 @@ def test_liveness_readiness_and_metadata(tiny_server: RunningServer) -> None:
     model = stub.ModelMetadata(pb2.ModelMetadataRequest(name="tiny"))
     assert (model.name, list(model.versions), model.platform) == ("tiny", ["1"], "onnxruntime_onnx")
     assert list(model.inputs[0].shape) == [-1, 1, 28, 28]
+
+
+def test_one_client_at_a_time_gets_the_same_answers_when_batches_run_on_the_loop(
+    start_server: StartServer, tiny_repository: Path, tiny_spec: TinySpec
+) -> None:
+    """Sequential requests: after QUIET_RUNS quiet runs on the runtime's thread, batches run
+    on the event loop, but one in PROBE_EVERY still goes to the thread. Every answer equals
+    the reference, whichever way its batch ran. (The run-time bound is lifted so that the
+    order of events alone decides, however slow the machine.)"""
+    running = start_server(tiny_repository, inline_run_max_us=10**9)
+    stub = running.inference_stub()
+    requests = QUIET_RUNS + 2 * PROBE_EVERY
+    for seed in range(requests):
+        images = random_images(1 + seed % 3, seed=100 + seed)
+        response = stub.ModelInfer(infer_request(images), timeout=60)
+        np.testing.assert_allclose(
+            logits_of(response), reference_logits(tiny_spec, images), rtol=1e-5, atol=1e-6
+        )
+    assert running.server.models is not None
+    stats = running.server.models.resolve("tiny", "").batcher.stats
+    assert stats.batches == requests
+    assert stats.on_loop == requests - QUIET_RUNS - 2  # the other two were probes
 
 
 def test_raw_inference_matches_the_reference(
