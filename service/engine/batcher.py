@@ -19,12 +19,13 @@ polls the queue; a timer stands in for the delay below):
   returned results are handed out: the runtime computes it while the event loop answers. A
   partial batch waits until the answers are handed out (it can grow meanwhile): a cheap model
   whose requests trickle in would otherwise run one batch per request;
-- at low load, a batch runs on the event loop itself through `run_inline` (the hand-off to the
-  runtime's thread and back costs a cheap model more than its run) when nothing else computes
-  or waits, batches like it take at most `inline_max_s` (the cost per item of recent batches,
-  times its items), and the last QUIET_RUNS batches on the runner saw no request arrive while
-  they computed. On the loop nothing can arrive meanwhile, so one in PROBE_EVERY such batches
-  goes to the runner anyway: an arrival during it means the load rose and batching resumes;
+- at low load, a request is computed at once, in the loop turn it arrived in, on the event
+  loop itself through `run_inline` (no queue, and no hand-off to the runtime's thread and back,
+  which costs a cheap model more than its run) when nothing else computes or waits, batches like
+  it take at most `inline_max_s` (the cost per item of recent batches, times its items), and the
+  last QUIET_RUNS batches on the runner saw no request arrive while they computed. On the loop
+  nothing can arrive meanwhile, so one in PROBE_EVERY such requests goes to the runner anyway:
+  an arrival during it means the load rose and batching resumes;
 - a batch never holds more than `max_batch_size` items; a request larger than that is split
   into chunks and its results joined back;
 - results are split back in order; an error in a batch reaches every request of that batch;
@@ -203,6 +204,12 @@ class Batcher:
         self.check_room(n)
         loop = asyncio.get_running_loop()
         now = self._now(loop)
+        if self._started and not self._queue and n <= self.max_batch_size:
+            alone = _Pending(items, loop.create_future(), now, deadline, timing)
+            if self._runs_inline([alone]):  # at once, on this loop turn: no hop, no queue
+                if self._still_wanted(alone, now):
+                    self._execute_inline([alone], loop)
+                return alone.future.result()
         futures = []
         for start in range(0, n, self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
@@ -284,9 +291,6 @@ class Batcher:
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch = self._take(loop)
         if not batch:
-            return
-        if self._runs_inline(batch):
-            self._execute_inline(batch, loop)
             return
         self._computing += 1
         task = loop.create_task(self._execute(batch, loop))

@@ -316,11 +316,19 @@ def make_inline(runtime: FakeRuntime, cost_per_item_s: float, inline_max_s: floa
     )
 
 
+async def alone(batcher: Batcher, request: np.ndarray) -> np.ndarray:
+    """One client's call, then its round trip: the loop settles before the next call (the
+    runner's slot is freed after the answers go out, as the next call's arrival finds it)."""
+    result = await batcher.infer(request)
+    await settle()
+    return result
+
+
 async def quiet_runs(batcher: Batcher, runtime: FakeRuntime) -> None:
     """Requests one at a time until batches run on the loop: QUIET_RUNS runs on the runner."""
     before = (len(runtime.batches), len(runtime.inline_batches))
     for i in range(QUIET_RUNS):
-        np.testing.assert_array_equal(await batcher.infer(items(i)), items(2 * i))
+        np.testing.assert_array_equal(await alone(batcher, items(i)), items(2 * i))
     assert (len(runtime.batches), len(runtime.inline_batches)) == (
         before[0] + QUIET_RUNS, before[1]
     )  # fmt: skip
@@ -330,9 +338,9 @@ async def test_at_low_load_a_short_batch_runs_on_the_loop() -> None:
     runtime = FakeRuntime()
     batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001)
     await quiet_runs(batcher, runtime)
-    np.testing.assert_array_equal(await batcher.infer(items(2, n=3)), items(4, n=3))
+    np.testing.assert_array_equal(await alone(batcher, items(2, n=3)), items(4, n=3))
     assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS, 1)  # 0.6 ms
-    np.testing.assert_array_equal(await batcher.infer(items(3, n=8)), items(6, n=8))
+    np.testing.assert_array_equal(await alone(batcher, items(3, n=8)), items(6, n=8))
     assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS + 1, 1)  # 1.6 ms
     await batcher.close()
 
@@ -342,7 +350,7 @@ async def test_an_arrival_during_a_probe_ends_runs_on_the_loop() -> None:
     batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
     await quiet_runs(batcher, runtime)
     for i in range(PROBE_EVERY - 1):
-        await batcher.infer(items(i))
+        await alone(batcher, items(i))
     assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS, PROBE_EVERY - 1)
     runtime.gate.clear()
     probe = asyncio.create_task(batcher.infer(items(1)))  # the probe: on the runner, gated
@@ -354,11 +362,11 @@ async def test_an_arrival_during_a_probe_ends_runs_on_the_loop() -> None:
     assert [int(r[0, 0]) for r in await asyncio.gather(probe, arrived)] == [2, 4]
     assert len(runtime.batches) == QUIET_RUNS + 2  # the load rose: back to the runner ...
     for i in range(QUIET_RUNS - 1):  # ... until it is quiet again (the arrival's run was)
-        await batcher.infer(items(i))
+        await alone(batcher, items(i))
     assert (len(runtime.batches), len(runtime.inline_batches)) == (
         2 * QUIET_RUNS + 1, PROBE_EVERY - 1
     )  # fmt: skip
-    await batcher.infer(items(3))
+    await alone(batcher, items(3))
     assert len(runtime.inline_batches) == PROBE_EVERY
     await batcher.close()
 
@@ -386,10 +394,10 @@ async def test_an_error_on_the_loop_reaches_every_request_and_serving_goes_on() 
     await quiet_runs(batcher, runtime)
     runtime.fail = True
     with pytest.raises(InternalError, match="batch of 2 items failed"):
-        await batcher.infer(items(1, n=2))
+        await alone(batcher, items(1, n=2))
     assert len(runtime.inline_batches) == 1
     runtime.fail = False
-    np.testing.assert_array_equal(await batcher.infer(items(1)), items(2))
+    np.testing.assert_array_equal(await alone(batcher, items(1)), items(2))
     await batcher.close()
 
 
