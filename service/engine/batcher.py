@@ -210,6 +210,8 @@ class Batcher:
                 if self._still_wanted(alone, now):
                     self._execute_inline([alone], loop)
                 return alone.future.result()
+        if self._computing:  # an arrival while a batch computes: the load is not low
+            self._quiet_runs = 0
         futures = []
         for start in range(0, n, self.max_batch_size):
             chunk = items[start : start + self.max_batch_size]
@@ -311,9 +313,9 @@ class Batcher:
         if not batch:
             self._run_returned(loop)
             return
-        items, size = self._begin(batch, started)
+        size = sum(len(p.items) for p in batch)
         try:
-            outputs = _checked(await self._run_batch(items), size)
+            outputs = _checked(await self._run_batch(self._begin(batch, size, started)), size)
         except BaseException as error:  # cancelled too: the slot is freed in any case
             self._run_returned(loop)
             self._fail(batch, size, error, self._now(loop) - started)
@@ -336,7 +338,7 @@ class Batcher:
         else computes or waits, and batches like it have taken at most `inline_max_s`. Every
         PROBE_EVERY-th such batch goes to the runner anyway, to see whether the load rose:
         on the loop, arrivals cannot pile up into batches, so high load would not show."""
-        if self._run_inline is None or self._computing or self._queue:
+        if self._run_inline is None or self.inline_max_s <= 0 or self._computing or self._queue:
             return False
         if self._quiet_runs < QUIET_RUNS or self._per_item_s is None:
             return False
@@ -349,21 +351,22 @@ class Batcher:
         assert self._run_inline is not None
         self.stats.on_loop += 1
         started = self._now(loop)
-        items, size = self._begin(batch, started)
+        size = sum(len(p.items) for p in batch)
         try:
-            outputs = _checked(self._run_inline(items), size)
-        except Exception as error:
+            outputs = _checked(self._run_inline(self._begin(batch, size, started)), size)
+        except BaseException as error:
             self._fail(batch, size, error, self._now(loop) - started)
+            if not isinstance(error, Exception):
+                raise
             return
         compute_s = self._now(loop) - started
         self._answer(batch, outputs, started, compute_s)
         self._finished(size, compute_s, ok=True)
 
-    def _begin(self, batch: list[_Pending], started: float) -> tuple[np.ndarray, int]:
-        size = sum(len(p.items) for p in batch)
+    def _begin(self, batch: list[_Pending], size: int, started: float) -> np.ndarray:
+        """Reports the batch started; its items as one array."""
         self._observer.batch_started(size, [started - p.enqueued_at for p in batch])
-        items = batch[0].items if len(batch) == 1 else np.concatenate([p.items for p in batch])
-        return items, size
+        return batch[0].items if len(batch) == 1 else np.concatenate([p.items for p in batch])
 
     def _answer(
         self, batch: list[_Pending], outputs: np.ndarray, started: float, compute_s: float

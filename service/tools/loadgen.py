@@ -133,6 +133,8 @@ def run_load(
 ) -> LoadResult:
     """C closed-loop clients in `processes` client processes: warmup, then a measured window of
     at least `duration_s` in which each client starts at least `min_requests` calls."""
+    if min_requests < 1:
+        raise ValueError(f"min_requests must be at least 1, got {min_requests}")
     clients = []
     for share in _split(concurrency, processes):
         command = [
@@ -156,7 +158,8 @@ def run_load(
         server_before = _cpu_total(servers)
         reports = []
         for client in clients:
-            output, _ = client.communicate()
+            # Past the window, each client makes at most `min_requests` calls of <= 60 s each.
+            output, _ = client.communicate(timeout=duration_s + 60 * (min_requests + 2))
             if client.returncode != 0:
                 raise RuntimeError(f"load client exited with {client.returncode}")
             reports.append(json.loads(output))

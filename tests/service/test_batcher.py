@@ -249,6 +249,21 @@ async def test_an_error_reaches_every_request_of_the_batch() -> None:
     await batcher.close()
 
 
+async def test_a_batch_that_cannot_be_formed_fails_its_requests_and_frees_the_slot() -> None:
+    runtime = FakeRuntime(gated=True)
+    batcher = make(runtime)
+    first = asyncio.create_task(batcher.infer(items(0)))
+    await settle()
+    odd = [asyncio.create_task(batcher.infer(np.zeros((1, k), np.int64))) for k in (2, 3)]
+    await settle()
+    runtime.gate.set()
+    await first
+    outcomes = await asyncio.wait_for(asyncio.gather(*odd, return_exceptions=True), BOUND_S)
+    assert all(isinstance(o, InternalError) for o in outcomes)  # not a hang
+    np.testing.assert_array_equal(await batcher.infer(items(1)), items(2))  # the slot is free
+    await batcher.close()
+
+
 async def test_full_queue_refuses_at_once() -> None:
     runtime = FakeRuntime(gated=True)
     recorder = Recorder()
@@ -388,9 +403,11 @@ async def test_a_batch_beside_a_computing_one_never_runs_on_the_loop() -> None:
     await batcher.close()
 
 
-async def test_an_error_on_the_loop_reaches_every_request_and_serving_goes_on() -> None:
+async def test_an_error_on_the_loop_reaches_its_request_and_serving_goes_on() -> None:
     runtime = FakeRuntime()
+    recorder = Recorder()
     batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
+    batcher._observer = recorder
     await quiet_runs(batcher, runtime)
     runtime.fail = True
     with pytest.raises(InternalError, match="batch of 2 items failed"):
@@ -398,6 +415,46 @@ async def test_an_error_on_the_loop_reaches_every_request_and_serving_goes_on() 
     assert len(runtime.inline_batches) == 1
     runtime.fail = False
     np.testing.assert_array_equal(await alone(batcher, items(1)), items(2))
+    assert len(runtime.inline_batches) == 2 and len(runtime.batches) == QUIET_RUNS  # still
+    assert batcher.stats.batches == QUIET_RUNS + 2 and batcher.stats.on_loop == 2
+    assert len(recorder.sizes) == QUIET_RUNS + 2  # every batch started was reported
+    await batcher.close()
+
+
+async def test_an_expired_request_is_not_computed_on_the_loop_either() -> None:
+    runtime = FakeRuntime()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
+    await quiet_runs(batcher, runtime)
+    assert runtime.clock is not None
+    with pytest.raises(DeadlineExceeded, match="not computed"):
+        await batcher.infer(items(5), deadline=runtime.clock.now)  # due now: expired
+    assert (len(runtime.batches), runtime.inline_batches) == (QUIET_RUNS, [])
+    assert batcher.stats.dropped == 1
+    await batcher.close()
+
+
+async def test_with_two_slots_an_arrival_beside_a_probe_ends_runs_on_the_loop() -> None:
+    """With a free slot and no delay, the request arriving during the probe starts at once
+    beside it (the queue is empty again when the probe returns): the arrival itself says the
+    load rose."""
+    runtime = FakeRuntime()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
+    batcher.max_concurrent_batches, batcher.max_queue_delay_s = 2, 0.0
+    await quiet_runs(batcher, runtime)
+    for i in range(PROBE_EVERY - 1):
+        await alone(batcher, items(i))
+    runtime.gate.clear()
+    probe = asyncio.create_task(batcher.infer(items(1)))
+    await settle()
+    beside = asyncio.create_task(batcher.infer(items(2)))
+    await settle()
+    assert len(runtime.batches) == QUIET_RUNS + 2  # both computing at once
+    runtime.gate.set()
+    await asyncio.gather(probe, beside)
+    await settle()
+    on_loop = len(runtime.inline_batches)
+    await alone(batcher, items(3))
+    assert len(runtime.inline_batches) == on_loop  # batching again, not on the loop
     await batcher.close()
 
 

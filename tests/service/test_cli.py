@@ -118,4 +118,4 @@ def test_load_measures_at_least_one_call_per_client_however_busy_the_machine(
     )  # fmt: skip
     assert (result.requests, result.errors) == (5, 0)
     assert result.images_per_s > 0 and result.p50_ms > 0
-    assert result.client_cpu_s is not None and result.client_cpu_s >= 0
+    assert result.client_cpu_s is not None  # each client process's own times
