@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from service._proto import classification_pb2 as cls_pb2
 from service._proto import grpc_service_pb2 as pb2
 from service.engine.admission import Admission
-from service.engine.batcher import Batcher, RunBatch
+from service.engine.batcher import Batcher, RunBatch, RunInline
 from service.engine.classify import Classifier
 from service.engine.explain import Explainer
 from service.engine.manager import LoadedModel, ModelManager
@@ -272,17 +272,19 @@ class InferenceServer:
             runtime.close()
             raise
         metrics = self.metrics.for_model(name, number)
-        # A wrapped run (the tests' gates) is the only run: nothing bypasses it inline.
-        wrapped = self._wrap_run is not None
+        run_inline: RunInline | None = runtime.run_now
+        run: RunBatch = runtime.run
+        if self._wrap_run is not None:  # the tests' gates: the one run, nothing bypasses it
+            run, run_inline = self._wrap_run(runtime.run), None
         batcher = Batcher(
-            self._wrap_run(runtime.run) if self._wrap_run is not None else runtime.run,
+            run,
             max_batch_size=batching.max_batch_size,
             max_queue_delay_s=batching.max_queue_delay_s,
             queue_capacity=batching.queue_capacity,
             max_concurrent_batches=batching.max_concurrent_batches,
             observer=metrics,
             name=name,
-            run_inline=None if wrapped else runtime.run_now,
+            run_inline=run_inline,
             inline_max_s=batching.inline_run_max_s,
         )
         batcher.start()
