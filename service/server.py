@@ -266,16 +266,21 @@ class InferenceServer:
         runtime = await asyncio.to_thread(
             OnnxModel.load, name, number, version_dir.model_path, options
         )
-        try:
-            await asyncio.to_thread(runtime.warm_up, warm_up_batch_sizes(batching.max_batch_size))
-        except Exception:
-            runtime.close()
-            raise
-        metrics = self.metrics.for_model(name, number)
         run_inline: RunInline | None = runtime.run_now
         run: RunBatch = runtime.run
         if self._wrap_run is not None:  # the tests' gates: the one run, nothing bypasses it
             run, run_inline = self._wrap_run(runtime.run), None
+        sizes = warm_up_batch_sizes(batching.max_batch_size)
+        try:
+            await asyncio.to_thread(runtime.warm_up, sizes)
+            if run_inline is not None:
+                await asyncio.to_thread(
+                    runtime.prepare_loop_session, batching.inline_run_max_s, sizes
+                )
+        except Exception:
+            runtime.close()
+            raise
+        metrics = self.metrics.for_model(name, number)
         batcher = Batcher(
             run,
             max_batch_size=batching.max_batch_size,

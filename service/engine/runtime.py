@@ -5,6 +5,12 @@ hands `InferenceSession.run` (which releases the GIL) to the model's own worker 
 event loop never waits on a batch. The hand-off is a queue the workers take batches from and
 one `call_soon_threadsafe` per batch back: half the CPU of `loop.run_in_executor` (about 19
 against 40 µs a round trip on the 2-core build machine), which a small model pays per batch.
+
+`run_now()` runs a batch in the calling thread (the batcher's short runs on the event loop). On
+the CPU, when a batch of one is that short, those runs get a session of their own with one
+intra-op thread (`prepare_loop_session`): a tiny batch split over several threads spends more
+waking and waiting for them than it saves (the small CNN's batch of one: 0.14 ms on one thread,
+0.18 ms on two, and half the CPU), while the batches on the worker threads keep every core.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,39 +92,33 @@ class OnnxModel:
         self,
         spec: ModelSpec,
         session: ort.InferenceSession,
-        requested: str,
+        path: Path,
+        options: RuntimeOptions,
         wants_cuda: bool,
-        executor_threads: int,
     ) -> None:
         self.spec = spec
         self._session = session
-        self.requested = requested
+        self._path = path
+        self._options = options
+        self.requested = options.providers
         self.active_providers: tuple[str, ...] = tuple(session.get_providers())
         self.provider = self.active_providers[0]
         self.fallback = wants_cuda and CUDA not in self.active_providers
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._workers = [
             threading.Thread(target=self._work, name=f"ort-{spec.name}-{i}", daemon=True)
-            for i in range(max(1, executor_threads))
+            for i in range(max(1, options.executor_threads))
         ]
         self._closed = False
         for worker in self._workers:
             worker.start()
         self._output_names = [spec.preprocessing.output_name]
+        self._loop_session: ort.InferenceSession | None = None  # run_now's, when it has one
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, options: RuntimeOptions) -> OnnxModel:
         """Makes the session and checks the graph against the contract; raises ModelLoadError."""
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.intra_op_threads
-        session_options.inter_op_num_threads = options.inter_op_threads
-        session_options.graph_optimization_level = OPTIMIZATION_LEVELS[
-            options.graph_optimization_level
-        ]
-        spinning = "1" if options.allow_spinning else "0"
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        session_options.log_severity_level = 3  # ORT's own warnings are noise; we log what matters
+        session_options = _session_options(options, options.intra_op_threads)
         available = ort.get_available_providers()
         gpu_present = gpu_device_present()
         providers = requested_providers(options.providers, available, gpu_present)
@@ -137,7 +138,7 @@ class OnnxModel:
         metadata = read_metadata(session.get_modelmeta().custom_metadata_map, path.parent)
         spec = spec_from_metadata(name, version, metadata, path.parent)
         check_signature(session, spec)
-        model = cls(spec, session, options.providers, wants_cuda, options.executor_threads)
+        model = cls(spec, session, path, options, wants_cuda)
         logger.info(
             "model %s version %s: providers %s (requested %s: %s)",
             name, version, ", ".join(model.active_providers), options.providers,
@@ -156,16 +157,50 @@ class OnnxModel:
     def warm_up(self, batch_sizes: Sequence[int]) -> float:
         """Runs one batch of each size so no request pays for first-run set-up; returns seconds."""
         started = time.perf_counter()
-        rng = np.random.default_rng(0)
         for size in batch_sizes:
-            images = rng.integers(0, 256, size=(size, *self.spec.input_shape), dtype=np.uint8)
-            self.run_blocking(images)
+            self.run_blocking(self._random_images(size))
         return time.perf_counter() - started
+
+    def prepare_loop_session(self, max_s: float, batch_sizes: Sequence[int]) -> bool:
+        """Gives `run_now` a single-threaded session when the model runs on the CPU with more
+        than one intra-op thread and a batch of one takes at most `max_s` (the batcher's limit
+        for a run on the event loop: a model slower than that never runs there and keeps its
+        memory). Warms it at `batch_sizes`; returns whether it was made."""
+        threads = self._options.intra_op_threads or os.cpu_count() or 1  # 0: one a core
+        if max_s <= 0 or self.provider != CPU or threads == 1:
+            return False
+        feeds = self._feeds(self._random_images(1))
+        one_s = min(_timed(self._session.run, self._output_names, feeds) for _ in range(3))
+        if one_s > max_s:
+            return False
+        session = ort.InferenceSession(
+            str(self._path), sess_options=_session_options(self._options, 1), providers=[CPU]
+        )
+        for size in batch_sizes:
+            session.run(self._output_names, self._feeds(self._random_images(size)))
+        self._loop_session = session
+        logger.info(
+            "model %s version %s: runs on the event loop use a session with one intra-op thread "
+            "(a batch of one took %.3f ms on %d)",
+            self.spec.name, self.spec.version, 1000 * one_s, threads,
+        )  # fmt: skip
+        return True
+
+    @property
+    def has_loop_session(self) -> bool:
+        """Whether `run_now` has a single-threaded session of its own."""
+        return self._loop_session is not None
+
+    def _random_images(self, size: int) -> np.ndarray:
+        rng = np.random.default_rng(size)
+        return rng.integers(0, 256, size=(size, *self.spec.input_shape), dtype=np.uint8)
+
+    def _feeds(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.spec.preprocessing.input_name: images}
 
     def run_blocking(self, images: np.ndarray) -> np.ndarray:
         """Runs one batch in the calling thread: uint8 [N, C, H, W] -> outputs [N, ...]."""
-        feeds = {self.spec.preprocessing.input_name: images}
-        output: np.ndarray = self._session.run(self._output_names, feeds)[0]
+        output: np.ndarray = self._session.run(self._output_names, self._feeds(images))[0]
         return output
 
     def run_now(self, images: np.ndarray) -> np.ndarray:
@@ -173,7 +208,10 @@ class OnnxModel:
         that a hand-off to the worker threads would cost more than it frees)."""
         if self._closed:
             raise RuntimeError(f"model {self.spec.name}: the runtime is closed")
-        return self.run_blocking(images)
+        if self._loop_session is None:
+            return self.run_blocking(images)
+        output: np.ndarray = self._loop_session.run(self._output_names, self._feeds(images))[0]
+        return output
 
     async def run(self, images: np.ndarray) -> np.ndarray:
         """Runs one batch on the model's worker threads without blocking the event loop."""
@@ -200,6 +238,24 @@ class OnnxModel:
             self._jobs.put(None)
         for worker in self._workers:
             worker.join()
+
+
+def _session_options(options: RuntimeOptions, intra_op_threads: int) -> ort.SessionOptions:
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = intra_op_threads
+    session_options.inter_op_num_threads = options.inter_op_threads
+    session_options.graph_optimization_level = OPTIMIZATION_LEVELS[options.graph_optimization_level]
+    spinning = "1" if options.allow_spinning else "0"
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    session_options.log_severity_level = 3  # ORT's own warnings are noise; we log what matters
+    return session_options
+
+
+def _timed(function: Callable[..., object], *args: object) -> float:
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
 
 
 @dataclass(frozen=True)

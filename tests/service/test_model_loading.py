@@ -11,7 +11,7 @@ import pytest
 
 from service._proto import grpc_service_pb2 as pb2
 from service.engine.manager import LoadedModel, ModelManager
-from service.engine.runtime import OnnxModel, warm_up_batch_sizes
+from service.engine.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
 from service.errors import ConfigurationError, ModelNotFound
 from service.repository.disk import ModelRepository, VersionDir
 from service.repository.policy import Batching
@@ -149,6 +149,31 @@ def test_every_batch_size_up_to_max_batch_size_is_warmed_up(
     monkeypatch.setattr(OnnxModel, "run_blocking", recording_run)
     start_server(tiny_repository, max_batch_size=6)
     assert warmed == [1, 2, 3, 4, 5, 6]  # the batcher forms any size; none is new to a request
+
+
+def test_runs_on_the_loop_get_a_single_threaded_session_when_a_batch_of_one_is_short(
+    tiny_repository: Path,
+) -> None:
+    """`run_now` (the batcher's runs on the event loop) uses a session with one intra-op
+    thread, made only when asked with a limit a batch of one meets; its answers are the
+    model's. (The limits are 0 and 10**9 s: whatever the machine, never and always.)"""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", intra_op_threads=2))
+    single = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", intra_op_threads=1))
+    try:
+        assert not model.prepare_loop_session(0.0, [1, 2])  # runs on the loop are off
+        assert not model.has_loop_session
+        assert not single.prepare_loop_session(10**9, [1, 2])  # nothing to gain: one thread
+        assert model.prepare_loop_session(10**9, [1, 2, 3])
+        assert model.has_loop_session
+        for count in (1, 3, 5):  # 5: a size the warm-up did not run
+            images = random_images(count, seed=40 + count)
+            np.testing.assert_allclose(
+                model.run_now(images), model.run_blocking(images), rtol=1e-5, atol=1e-6
+            )
+    finally:
+        model.close()
+        single.close()
 
 
 def test_symlinks_out_of_the_repository_are_refused_and_the_others_serve(
