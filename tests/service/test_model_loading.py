@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service._proto import grpc_service_pb2 as pb2
+from service.engine import runtime as runtime_module
 from service.engine.manager import LoadedModel, ModelManager
 from service.engine.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
 from service.errors import ConfigurationError, ModelNotFound
@@ -174,6 +175,26 @@ def test_runs_on_the_loop_get_a_single_threaded_session_when_a_batch_of_one_is_s
     finally:
         model.close()
         single.close()
+
+
+def test_a_loop_session_that_cannot_be_made_leaves_the_model_serving(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", intra_op_threads=2))
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runtime_module.ort, "InferenceSession", failing)
+    try:
+        assert not model.prepare_loop_session(10**9, [1])
+        assert not model.has_loop_session
+        assert "no single-threaded session" in caplog.text and "out of memory" in caplog.text
+        images = random_images(2, seed=7)
+        np.testing.assert_allclose(model.run_now(images), model.run_blocking(images))
+    finally:
+        model.close()
 
 
 def test_symlinks_out_of_the_repository_are_refused_and_the_others_serve(
