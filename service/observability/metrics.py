@@ -27,6 +27,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from service.engine.statistics import VersionStatistics
+from service.observability.loop_metrics import CounterFamily, GaugeFamily, HistogramFamily
 
 logger = logging.getLogger(__name__)
 
@@ -56,63 +57,63 @@ class Metrics:
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         model = ["model", "version"]
-        self.requests = Counter(
+        # The series every request updates are loop_metrics families (no locks); the others
+        # are prometheus_client's.
+        self.requests = CounterFamily(
             "convserve_requests_total",
             "Inference requests answered, by final gRPC status.",
             [*model, "rpc", "code"],
-            registry=registry,
+            registry,
         )
-        self.images = Counter(
-            "convserve_images_total", "Items (images / batch rows) inferred.", model,
-            registry=registry,
-        )  # fmt: skip
+        self.images = CounterFamily(
+            "convserve_images_total", "Items (images / batch rows) inferred.", model, registry
+        )
         # Successful calls only: fast refusals and errors in the same histogram would pull its
         # quantiles down exactly when the server is overloaded.
-        self.request_latency = Histogram(
+        self.request_latency = HistogramFamily(
             "convserve_request_latency_seconds",
             "End-to-end latency of an inference RPC answered OK, receipt to reply "
             "(successful calls only).",
             [*model, "rpc"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            registry,
+            LATENCY_BUCKETS_S,
         )
-        self.refusal_latency = Histogram(
+        self.refusal_latency = HistogramFamily(
             "convserve_refusal_latency_seconds",
             "Receipt to reply of an inference RPC answered with any code but OK (refused, "
             "cancelled or failed), by code.",
             [*model, "rpc", "code"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            registry,
+            LATENCY_BUCKETS_S,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = HistogramFamily(
             "convserve_queue_wait_seconds",
             "Time a request waited in the batch queue before its batch started.",
-            model, buckets=LATENCY_BUCKETS_S, registry=registry,
+            model, registry, LATENCY_BUCKETS_S,
         )  # fmt: skip
-        self.batch_compute = Histogram(
+        self.batch_compute = HistogramFamily(
             "convserve_batch_compute_seconds", "ONNX Runtime run time of one batch.",
-            model, buckets=LATENCY_BUCKETS_S, registry=registry,
+            model, registry, LATENCY_BUCKETS_S,
         )  # fmt: skip
         self.image_decode = Histogram(
             "convserve_image_decode_seconds",
             "Decode + convert + resize time of one image.",
             model, buckets=LATENCY_BUCKETS_S, registry=registry,
         )  # fmt: skip
-        self.batch_size = Histogram(
-            "convserve_batch_size", "Items per executed batch.", model,
-            buckets=BATCH_SIZE_BUCKETS, registry=registry,
+        self.batch_size = HistogramFamily(
+            "convserve_batch_size", "Items per executed batch.", model, registry,
+            BATCH_SIZE_BUCKETS,
         )  # fmt: skip
-        self.queue_depth = Gauge(
-            "convserve_queue_depth", "Items waiting in the batch queue now.", model,
-            registry=registry,
-        )  # fmt: skip
+        self.queue_depth = GaugeFamily(
+            "convserve_queue_depth", "Items waiting in the batch queue now.", model, registry
+        )
         self.queue_capacity = Gauge(
             "convserve_queue_capacity", "The batch queue's bound, in items.", model,
             registry=registry,
         )  # fmt: skip
-        self.in_flight = Gauge(
+        self.in_flight = GaugeFamily(
             "convserve_requests_in_flight", "Requests accepted and not yet answered.", model,
-            registry=registry,
+            registry,
         )  # fmt: skip
         self.rejections = Counter(
             "convserve_queue_rejections_total",

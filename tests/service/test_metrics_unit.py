@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.observability.loop_metrics import CounterFamily, GaugeFamily, HistogramFamily
 from service.observability.metrics import INFERENCE_RPCS, REFUSAL_CODES, Metrics
 
 
@@ -72,3 +73,39 @@ def test_help_text_says_successful_calls_only(registry: CollectorRegistry) -> No
         "# HELP convserve_request_latency_seconds End-to-end latency of an inference RPC "
         "answered OK, receipt to reply (successful calls only)." in exposition
     )
+
+
+def test_loop_families_expose_what_prometheus_client_would(registry: CollectorRegistry) -> None:
+    """The lock-free families (service.observability.loop_metrics) against prometheus_client's
+    own metrics fed the same values: the same samples, bucket bounds included (a value equal
+    to a bound counts in that bound's bucket)."""
+    bounds = (0.001, 0.01, 0.1, 1.0)
+    values = [0.0, 0.001, 0.0010001, 0.01, 0.05, 0.1, 1.0, 3.5, 0.0005, 0.2]
+    reference = CollectorRegistry()
+    ours = HistogramFamily("t_seconds", "Help.", ["model"], registry, bounds)
+    theirs = Histogram("t_seconds", "Help.", ["model"], buckets=bounds, registry=reference)
+    counter = CounterFamily("t_things_total", "Things.", ["model"], registry)
+    their_counter = Counter("t_things_total", "Things.", ["model"], registry=reference)
+    gauge = GaugeFamily("t_depth", "Depth.", ["model"], registry)
+    their_gauge = Gauge("t_depth", "Depth.", ["model"], registry=reference)
+    for value in values:
+        ours.labels("m").observe(value)
+        theirs.labels("m").observe(value)
+        counter.labels("m").inc(2)
+        their_counter.labels("m").inc(2)
+    gauge.labels("m").inc(5)
+    gauge.labels("m").dec(2)
+    their_gauge.labels("m").set(3)
+    gauge.labels("gone").set(1)
+    gauge.remove("gone")
+    with pytest.raises(KeyError):
+        gauge.remove("gone")
+    with pytest.raises(ValueError, match="labels"):
+        ours.labels("m", "extra")
+
+    def samples(of: CollectorRegistry) -> list[str]:
+        text = generate_latest(of).decode()
+        return sorted(line for line in text.splitlines() if "_created" not in line)
+
+    assert samples(registry) == samples(reference)
+    assert registry.get_sample_value("t_seconds_bucket", {"model": "m", "le": "0.001"}) == 3

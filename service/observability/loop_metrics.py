@@ -1,0 +1,178 @@
+"""Counters, gauges and histograms for the series every request updates, without locks.
+
+prometheus_client guards each value with a lock and looks a histogram's bucket up by a linear
+scan: about 1 µs an update, ten updates a request (count, latency, in flight, queue wait, batch
+size, ...), which a cheap model pays per request on the event loop. These families keep plain
+numbers, updated only on the event loop's thread (the servicers and the batcher), and turn them
+into samples when Prometheus scrapes (`collect()`, from the metrics HTTP thread). Under the GIL
+a scrape reads each number whole; a histogram's buckets are copied in one step and its count is
+their total, so every scrape is a valid histogram (its sum may be one observation behind).
+
+The exposition is prometheus_client's: the same names, help, labels and bucket bounds, so
+dashboards, alerts and `registry.get_sample_value` read them as before. A series updated from
+other threads (image decoding) stays a prometheus_client metric.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+
+class LoopCounter:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopGauge:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class LoopHistogram:
+    __slots__ = ("_bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self._bounds, amount)] += 1  # le: bound >= amount
+        self.total += amount
+
+
+class _Family:
+    """One metric name with labelled children, registered on `registry`."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], object] = {}
+        registry.register(self)
+
+    def remove(self, *labelvalues: str) -> None:
+        """Drops a child's series (KeyError when it has none, as prometheus_client)."""
+        del self._children[tuple(labelvalues)]
+
+    def _child(self, labelvalues: tuple[str, ...], make: Callable[[], object]) -> object:
+        if len(labelvalues) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labelvalues}")
+        child = self._children.get(labelvalues)
+        if child is None:
+            child = self._children[labelvalues] = make()
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for labelvalues, child in list(self._children.items()):
+            self._add(family, list(labelvalues), child)
+        yield family
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
+        raise NotImplementedError
+
+
+class CounterFamily(_Family):
+    """A counter; `name` ends in `_total` as in prometheus_client's Counter."""
+
+    def labels(self, *labelvalues: str) -> LoopCounter:
+        child = self._child(tuple(map(str, labelvalues)), LoopCounter)
+        assert isinstance(child, LoopCounter)
+        return child
+
+    def _family(self) -> Metric:
+        base = self.name.removesuffix("_total")
+        return CounterMetricFamily(base, self.documentation, labels=self.labelnames)
+
+    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
+        assert isinstance(family, CounterMetricFamily) and isinstance(child, LoopCounter)
+        family.add_metric(labelvalues, child.value)
+
+
+class GaugeFamily(_Family):
+    def labels(self, *labelvalues: str) -> LoopGauge:
+        child = self._child(tuple(map(str, labelvalues)), LoopGauge)
+        assert isinstance(child, LoopGauge)
+        return child
+
+    def _family(self) -> Metric:
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
+        assert isinstance(family, GaugeMetricFamily) and isinstance(child, LoopGauge)
+        family.add_metric(labelvalues, child.value)
+
+
+class HistogramFamily(_Family):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float],
+    ) -> None:
+        self._bounds = tuple(float(b) for b in buckets)
+        self._le = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def labels(self, *labelvalues: str) -> LoopHistogram:
+        child = self._child(tuple(map(str, labelvalues)), self._new_child)
+        assert isinstance(child, LoopHistogram)
+        return child
+
+    def _new_child(self) -> LoopHistogram:
+        return LoopHistogram(self._bounds)
+
+    def _family(self) -> Metric:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
+        assert isinstance(family, HistogramMetricFamily) and isinstance(child, LoopHistogram)
+        counts = list(child.counts)  # one step under the GIL: a consistent set of buckets
+        cumulative, buckets = 0, []
+        for le, count in zip(self._le, counts, strict=True):
+            cumulative += count
+            buckets.append((le, cumulative))
+        family.add_metric(labelvalues, buckets, child.total)
