@@ -110,7 +110,11 @@ def checked_input(request: pb2.ModelInferRequest, spec: ModelSpec) -> CheckedInp
             f"input {tensor.name} has shape {_shape_text(shape)}; {_describe(spec)} (N >= 1)"
         )
     count = math.prod(shape)
-    typed_fields = [field.name for field, _ in tensor.contents.ListFields()]
+    typed_fields = (
+        [field.name for field, _ in tensor.contents.ListFields()]
+        if tensor.HasField("contents")
+        else []
+    )
     if request.raw_input_contents:
         if typed_fields:
             raise InvalidInput(
