@@ -15,6 +15,7 @@ other threads (image decoding) stays a prometheus_client metric.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 
@@ -35,6 +36,8 @@ class LoopCounter:
         self.value = 0.0
 
     def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up: inc() takes a non-negative amount")
         self.value += amount
 
 
@@ -86,12 +89,16 @@ class _Family:
         registry.register(self)
 
     def remove(self, *labelvalues: str) -> None:
-        """Drops a child's series (KeyError when it has none, as prometheus_client)."""
-        del self._children[tuple(labelvalues)]
+        """Drops a child's series; none there, nothing to do (as prometheus_client)."""
+        self._children.pop(self._key(labelvalues), None)
 
-    def _child(self, labelvalues: tuple[str, ...], make: Callable[[], object]) -> object:
+    def _key(self, labelvalues: tuple[str, ...]) -> tuple[str, ...]:
         if len(labelvalues) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labelvalues}")
+        return tuple(map(str, labelvalues))
+
+    def _child(self, labelvalues: tuple[str, ...], make: Callable[[], object]) -> object:
+        labelvalues = self._key(labelvalues)
         child = self._children.get(labelvalues)
         if child is None:
             child = self._children[labelvalues] = make()
@@ -117,7 +124,7 @@ class CounterFamily(_Family):
     """A counter; `name` ends in `_total` as in prometheus_client's Counter."""
 
     def labels(self, *labelvalues: str) -> LoopCounter:
-        child = self._child(tuple(map(str, labelvalues)), LoopCounter)
+        child = self._child(labelvalues, LoopCounter)
         assert isinstance(child, LoopCounter)
         return child
 
@@ -132,7 +139,7 @@ class CounterFamily(_Family):
 
 class GaugeFamily(_Family):
     def labels(self, *labelvalues: str) -> LoopGauge:
-        child = self._child(tuple(map(str, labelvalues)), LoopGauge)
+        child = self._child(labelvalues, LoopGauge)
         assert isinstance(child, LoopGauge)
         return child
 
@@ -153,12 +160,17 @@ class HistogramFamily(_Family):
         registry: CollectorRegistry,
         buckets: Sequence[float],
     ) -> None:
-        self._bounds = tuple(float(b) for b in buckets)
+        bounds = [float(b) for b in buckets]
+        if bounds and bounds[-1] == math.inf:  # +Inf is always there
+            bounds.pop()
+        if not bounds or bounds != sorted(set(bounds)):
+            raise ValueError(f"{name}: buckets must be increasing, got {list(buckets)}")
+        self._bounds = tuple(bounds)
         self._le = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
         super().__init__(name, documentation, labelnames, registry)
 
     def labels(self, *labelvalues: str) -> LoopHistogram:
-        child = self._child(tuple(map(str, labelvalues)), self._new_child)
+        child = self._child(labelvalues, self._new_child)
         assert isinstance(child, LoopHistogram)
         return child
 

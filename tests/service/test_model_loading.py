@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -152,20 +153,37 @@ def test_every_batch_size_up_to_max_batch_size_is_warmed_up(
     assert warmed == [1, 2, 3, 4, 5, 6]  # the batcher forms any size; none is new to a request
 
 
-def test_runs_on_the_loop_get_a_single_threaded_session_when_a_batch_of_one_is_short(
-    tiny_repository: Path,
+def scripted_timings(monkeypatch: pytest.MonkeyPatch, durations: list[float]) -> None:
+    """The runtime's timings of a batch of one, as given (each run still happens)."""
+    script = iter(durations)
+
+    def timed(function: Callable[..., object], *args: object) -> float:
+        function(*args)
+        return next(script)
+
+    monkeypatch.setattr(runtime_module, "_timed", timed)
+
+
+def test_runs_on_the_loop_get_a_single_threaded_session_when_it_is_short_and_no_slower(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`run_now` (the batcher's runs on the event loop) uses a session with one intra-op
-    thread, made only when asked with a limit a batch of one meets; its answers are the
-    model's. (The limits are 0 and 10**9 s: whatever the machine, never and always.)"""
+    thread when a batch of one on the model's session takes at most the limit and takes no
+    longer on one thread; its answers are the model's. (The timings are scripted: the
+    machine's speed decides nothing here.)"""
     path = tiny_repository / "tiny" / "1" / "model.onnx"
     model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", intra_op_threads=2))
     single = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", intra_op_threads=1))
     try:
         assert not model.prepare_loop_session(0.0, [1, 2])  # runs on the loop are off
+        assert not single.prepare_loop_session(1.0, [1, 2])  # nothing to gain: one thread
+        scripted_timings(monkeypatch, [0.003] * 3)
+        assert not model.prepare_loop_session(0.002, [1, 2])  # too slow to run on the loop
+        scripted_timings(monkeypatch, [0.001] * 3 + [0.0015] * 3)
+        assert not model.prepare_loop_session(0.002, [1, 2])  # slower on one thread
         assert not model.has_loop_session
-        assert not single.prepare_loop_session(10**9, [1, 2])  # nothing to gain: one thread
-        assert model.prepare_loop_session(10**9, [1, 2, 3])
+        scripted_timings(monkeypatch, [0.001] * 3 + [0.0006] * 3)
+        assert model.prepare_loop_session(0.002, [1, 2, 3])
         assert model.has_loop_session
         for count in (1, 3, 5):  # 5: a size the warm-up did not run
             images = random_images(count, seed=40 + count)
