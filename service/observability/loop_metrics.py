@@ -1,7 +1,8 @@
 """Counters, gauges and histograms for the series every request updates, without locks.
 
 prometheus_client guards each value with a lock and looks a histogram's bucket up by a linear
-scan: about 1 µs an update, ten updates a request (count, latency, in flight, queue wait, batch
+scan: 0.3 µs a counter increment, 0.7 µs a histogram observation (timeit, this machine; here
+0.06 and 0.13), ten updates a request (count, latency, in flight, queue wait, batch
 size, ...), which a cheap model pays per request on the event loop. These families keep plain
 numbers, updated only on the event loop's thread (the servicers and the batcher), and turn them
 into samples when Prometheus scrapes (`collect()`, from the metrics HTTP thread). Under the GIL
@@ -72,8 +73,6 @@ class LoopHistogram:
 
 class _Family:
     """One metric name with labelled children, registered on `registry`."""
-
-    kind = ""
 
     def __init__(
         self,
