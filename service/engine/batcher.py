@@ -205,12 +205,12 @@ class Batcher:
         self.check_room(n)
         loop = asyncio.get_running_loop()
         now = self._now(loop)
-        if self._started and not self._queue and n <= self.max_batch_size:
+        if self._started and n <= self.max_batch_size and self._runs_inline(n):
+            # At once, on this loop turn: no hop, no queue.
             alone = _Pending(items, loop.create_future(), now, deadline, timing)
-            if self._runs_inline([alone]):  # at once, on this loop turn: no hop, no queue
-                if self._still_wanted(alone, now):
-                    self._execute_inline([alone], loop)
-                return alone.future.result()
+            if self._still_wanted(alone, now):
+                self._execute_inline([alone], loop)
+            return alone.future.result()
         if self._computing:  # an arrival while a batch computes: the load is not low
             self._quiet_runs = 0
         futures = []
@@ -333,17 +333,17 @@ class Batcher:
             loop.call_soon(self._run_returned, loop, False)
         self._finished(size, compute_s, ok=True)
 
-    def _runs_inline(self, batch: list[_Pending]) -> bool:
-        """True when the batch may run on the event loop itself: the load is low (the last
-        QUIET_RUNS runs on the runner saw no request arrive while they computed), nothing
-        else computes or waits, and batches like it have taken at most `inline_max_s`. Every
+    def _runs_inline(self, size: int) -> bool:
+        """True when a batch of `size` items may run on the event loop itself: the load is low
+        (the last QUIET_RUNS runs on the runner saw no request arrive while they computed),
+        nothing else computes or waits, and batches like it have taken at most `inline_max_s`. Every
         PROBE_EVERY-th such batch goes to the runner anyway, to see whether the load rose:
         on the loop, arrivals cannot pile up into batches, so high load would not show."""
         if self._run_inline is None or self.inline_max_s <= 0 or self._computing or self._queue:
             return False
         if self._quiet_runs < QUIET_RUNS or self._per_item_s is None:
             return False
-        if self._per_item_s * sum(len(p.items) for p in batch) > self.inline_max_s:
+        if self._per_item_s * size > self.inline_max_s:
             return False
         self._inline_candidates += 1
         return self._inline_candidates % PROBE_EVERY != 0

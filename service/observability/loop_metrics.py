@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -71,7 +72,10 @@ class LoopHistogram:
         self.total += amount
 
 
-class _Family:
+Child = TypeVar("Child", LoopCounter, LoopGauge, LoopHistogram)
+
+
+class _Family(Generic[Child]):
     """One metric name with labelled children, registered on `registry`."""
 
     def __init__(
@@ -84,8 +88,15 @@ class _Family:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], object] = {}
+        self._children: dict[tuple[str, ...], Child] = {}
         registry.register(self)
+
+    def labels(self, *labelvalues: str) -> Child:
+        key = self._key(labelvalues)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._new_child()
+        return child
 
     def remove(self, *labelvalues: str) -> None:
         """Drops a child's series; none there, nothing to do (as prometheus_client)."""
@@ -96,13 +107,6 @@ class _Family:
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {labelvalues}")
         return tuple(map(str, labelvalues))
 
-    def _child(self, labelvalues: tuple[str, ...], make: Callable[[], object]) -> object:
-        labelvalues = self._key(labelvalues)
-        child = self._children.get(labelvalues)
-        if child is None:
-            child = self._children[labelvalues] = make()
-        return child
-
     def describe(self) -> Iterator[Metric]:
         yield self._family()
 
@@ -112,45 +116,44 @@ class _Family:
             self._add(family, list(labelvalues), child)
         yield family
 
-    def _family(self) -> Metric:
+    def _new_child(self) -> Child:
         raise NotImplementedError
 
-    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
+    def _family(self) -> Any:  # a prometheus_client *MetricFamily
+        raise NotImplementedError
+
+    def _add(self, family: Any, labelvalues: list[str], child: Child) -> None:
         raise NotImplementedError
 
 
-class CounterFamily(_Family):
+Scalar = TypeVar("Scalar", LoopCounter, LoopGauge)
+
+
+class _ScalarFamily(_Family[Scalar]):
+    def _add(self, family: Any, labelvalues: list[str], child: Scalar) -> None:
+        family.add_metric(labelvalues, child.value)
+
+
+class CounterFamily(_ScalarFamily[LoopCounter]):
     """A counter; `name` ends in `_total` as in prometheus_client's Counter."""
 
-    def labels(self, *labelvalues: str) -> LoopCounter:
-        child = self._child(labelvalues, LoopCounter)
-        assert isinstance(child, LoopCounter)
-        return child
+    def _new_child(self) -> LoopCounter:
+        return LoopCounter()
 
-    def _family(self) -> Metric:
+    def _family(self) -> CounterMetricFamily:
         base = self.name.removesuffix("_total")
         return CounterMetricFamily(base, self.documentation, labels=self.labelnames)
 
-    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
-        assert isinstance(family, CounterMetricFamily) and isinstance(child, LoopCounter)
-        family.add_metric(labelvalues, child.value)
 
+class GaugeFamily(_ScalarFamily[LoopGauge]):
+    def _new_child(self) -> LoopGauge:
+        return LoopGauge()
 
-class GaugeFamily(_Family):
-    def labels(self, *labelvalues: str) -> LoopGauge:
-        child = self._child(labelvalues, LoopGauge)
-        assert isinstance(child, LoopGauge)
-        return child
-
-    def _family(self) -> Metric:
+    def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
-        assert isinstance(family, GaugeMetricFamily) and isinstance(child, LoopGauge)
-        family.add_metric(labelvalues, child.value)
 
-
-class HistogramFamily(_Family):
+class HistogramFamily(_Family[LoopHistogram]):
     def __init__(
         self,
         name: str,
@@ -168,19 +171,13 @@ class HistogramFamily(_Family):
         self._le = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *labelvalues: str) -> LoopHistogram:
-        child = self._child(labelvalues, self._new_child)
-        assert isinstance(child, LoopHistogram)
-        return child
-
     def _new_child(self) -> LoopHistogram:
         return LoopHistogram(self._bounds)
 
-    def _family(self) -> Metric:
+    def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def _add(self, family: Metric, labelvalues: list[str], child: object) -> None:
-        assert isinstance(family, HistogramMetricFamily) and isinstance(child, LoopHistogram)
+    def _add(self, family: Any, labelvalues: list[str], child: LoopHistogram) -> None:
         counts = list(child.counts)  # one step under the GIL: a consistent set of buckets
         cumulative, buckets = 0, []
         for le, count in zip(self._le, counts, strict=True):
