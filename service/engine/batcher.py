@@ -164,6 +164,9 @@ class Batcher:
     def _now(self, loop: asyncio.AbstractEventLoop) -> float:
         return self._clock() if self._clock is not None else loop.time()
 
+    def _clock_now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
     def start(self) -> None:
         """Starts batching on the running loop (until then requests only queue): batches run
         as tasks there, started when requests arrive and when runs return."""
@@ -206,11 +209,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = self._now(loop)
         if self._started and n <= self.max_batch_size and self._runs_inline(n):
-            # At once, on this loop turn: no hop, no queue.
-            alone = _Pending(items, loop.create_future(), now, deadline, timing)
-            if self._still_wanted(alone, now):
-                self._execute_inline([alone], loop)
-            return alone.future.result()
+            return self._compute_now(items, now, deadline, timing)  # no hop, no queue
         if self._computing:  # an arrival while a batch computes: the load is not low
             self._quiet_runs = 0
         futures = []
@@ -348,21 +347,36 @@ class Batcher:
         self._inline_candidates += 1
         return self._inline_candidates % PROBE_EVERY != 0
 
-    def _execute_inline(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+    def _compute_now(
+        self,
+        items: np.ndarray,
+        now: float,
+        deadline: float | None,
+        timing: RequestTiming | None,
+    ) -> np.ndarray:
+        """One request as a batch of its own, on the event loop, in the caller's turn."""
         assert self._run_inline is not None
+        if deadline is not None and now >= deadline:
+            self.stats.dropped += 1
+            raise DeadlineExceeded(
+                f"the request's deadline passed before it reached model {self.name}; it was "
+                "not computed"
+            )
         self.stats.on_loop += 1
-        started = self._now(loop)
-        size = sum(len(p.items) for p in batch)
+        size = len(items)
+        self._observer.batch_started(size, (0.0,))
         try:
-            outputs = _checked(self._run_inline(self._begin(batch, size, started)), size)
+            outputs = _checked(self._run_inline(items), size)
         except BaseException as error:
-            self._fail(batch, size, error, self._now(loop) - started)
-            if not isinstance(error, Exception):
+            answer = self._failed(size, error, self._clock_now() - now)
+            if answer is error or not isinstance(error, Exception):
                 raise
-            return
-        compute_s = self._now(loop) - started
-        self._answer(batch, outputs, started, compute_s)
+            raise answer from error
+        compute_s = self._clock_now() - now
+        if timing is not None:
+            timing.compute_s += compute_s
         self._finished(size, compute_s, ok=True)
+        return outputs
 
     def _begin(self, batch: list[_Pending], size: int, started: float) -> np.ndarray:
         """Reports the batch started; its items as one array."""
@@ -387,6 +401,13 @@ class Batcher:
         self, batch: list[_Pending], size: int, error: BaseException, compute_s: float
     ) -> None:
         """The same error for every request of the batch."""
+        answer = self._failed(size, error, compute_s)
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(answer)
+
+    def _failed(self, size: int, error: BaseException, compute_s: float) -> ServiceError:
+        """Counts a failed batch; what its requests are answered."""
         answer: ServiceError
         if isinstance(error, ServiceError):
             answer = error
@@ -395,10 +416,8 @@ class Batcher:
             answer = InternalError(f"model {self.name}: batch of {size} items failed: {error!r}")
         else:  # the batch's task was cancelled: the loop is closing
             answer = ModelNotReady(f"model {self.name} is shutting down")
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(answer)
         self._finished(size, compute_s, ok=False)
+        return answer
 
     def _finished(self, size: int, compute_s: float, *, ok: bool) -> None:
         self._observer.batch_finished(size, compute_s, ok)

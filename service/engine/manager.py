@@ -19,10 +19,9 @@ turns a version directory into a `LoadedModel` (session + warm-up + batcher + me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,6 +72,13 @@ class LoadedModel:
         if self.leases == 0 and self._idle is not None:
             self._idle.set()
 
+    def __enter__(self) -> LoadedModel:  # a lease: `with manager.lease(name, version)`
+        self.leases += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
     async def retire(self) -> None:
         """Waits until no request holds a lease (call once it takes no new ones)."""
         if self.leases == 0:
@@ -116,6 +122,16 @@ class ModelRecord:
             for n in sorted(self.versions)
             if self.versions[n].state is VersionState.READY
         ]
+
+    def newest_ready(self) -> LoadedModel | None:
+        """The newest READY version's model (what a request naming no version gets)."""
+        newest: VersionRecord | None = None
+        for version in self.versions.values():
+            if version.state is VersionState.READY and (
+                newest is None or version.number > newest.number
+            ):
+                newest = version
+        return newest.loaded if newest is not None else None
 
     def states(self) -> set[VersionState]:
         return {v.state for v in self.versions.values()}
@@ -443,6 +459,9 @@ class ModelManager:
 
     def record(self, name: str) -> ModelRecord:
         """The model's record; `name` empty means the default (or only) model."""
+        record = self._records.get(name)
+        if record is not None and not record.unloaded:  # a request's usual case
+            return record
         served = self.loaded_names()
         if not name:
             if self.default_model:
@@ -471,10 +490,9 @@ class ModelManager:
         Raises ModelNotFound, ModelNotReady (UNAVAILABLE) or InvalidInput."""
         record = self.record(name)
         if not version:
-            ready = record.ready()
-            if ready:
-                assert ready[-1].loaded is not None
-                return ready[-1].loaded
+            newest = record.newest_ready()
+            if newest is not None:
+                return newest
             if self.starting or VersionState.LOADING in record.states():
                 raise ModelNotReady(f"model {record.name} is still loading; retry shortly")
             if VersionState.UNLOADING in record.states():
@@ -504,16 +522,10 @@ class ModelManager:
             f"model {record.name} version {number} failed to load; see the server log"
         )
 
-    @contextlib.contextmanager
-    def lease(self, name: str, version: str = "") -> Iterator[LoadedModel]:
-        """The version a request goes to, held until the request is answered: it is not
-        unloaded before."""
-        model = self.resolve(name, version)
-        model.acquire()
-        try:
-            yield model
-        finally:
-            model.release()
+    def lease(self, name: str, version: str = "") -> LoadedModel:
+        """The version a request goes to, to be held (`with manager.lease(...) as model:`)
+        until the request is answered: it is not unloaded before."""
+        return self.resolve(name, version)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         """ModelReady: true only for a loaded model (and its served version)."""

@@ -29,7 +29,7 @@ class Duration:
 
     def add(self, seconds: float, count: int = 1) -> None:
         self.count += count
-        self.ns += round(seconds * 1e9)
+        self.ns += int(seconds * 1e9)
 
 
 @dataclass
@@ -64,4 +64,7 @@ class VersionStatistics:
         self.inference_count += size
         self.execution_count += 1
         self.last_inference_ms = self.clock_ms()
-        self.batches.setdefault(size, Duration()).add(compute_s)
+        batches = self.batches.get(size)
+        if batches is None:
+            batches = self.batches[size] = Duration()
+        batches.add(compute_s)

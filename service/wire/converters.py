@@ -7,6 +7,7 @@ responses with raw output contents, and the classification extension's
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -68,7 +69,7 @@ def _describe(spec: ModelSpec) -> str:
 INLINE_CONVERSION_LIMIT = 1_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CheckedInput:
     """A request's input, checked against the model (names, datatype, shape, element count)
     but not yet converted: `convert()` makes the uint8 [N, C, H, W] array."""
@@ -215,7 +216,7 @@ def requested_outputs(
     """The outputs to return (all of them when none are named), validated."""
     output_name = spec.preprocessing.output_name
     if not request.outputs:
-        return [RequestedOutput(output_name)]
+        return _every_output(output_name)
     outputs = []
     for output in request.outputs:
         if output.name != output_name:
@@ -228,6 +229,13 @@ def requested_outputs(
             k = _int_parameter(output.parameters[CLASSIFICATION], CLASSIFICATION, 1, max_top_k)
         outputs.append(RequestedOutput(output.name, k))
     return outputs
+
+
+@functools.lru_cache(maxsize=64)
+def _every_output(output_name: str) -> list[RequestedOutput]:
+    """What a request that names no output gets (one list per model output, shared: callers
+    only read it)."""
+    return [RequestedOutput(output_name)]
 
 
 def request_timeout_s(request: pb2.ModelInferRequest) -> float | None:

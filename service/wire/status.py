@@ -97,7 +97,8 @@ class Call:
         self._admitted = False
         self._model: ModelMetrics | None = None
         self._started = time.perf_counter()
-        self._taken_at = asyncio.get_running_loop().time()
+        self._grpc_deadline: float | None = None  # on the loop's clock, once read
+        self._deadline_read = False
 
     def bind(self, model: ModelMetrics) -> None:
         """Attributes this call to a model version."""
@@ -109,14 +110,24 @@ class Call:
         """The call's deadline on the event loop's clock: the gRPC deadline, or `timeout_s`
         (Triton's request parameter) after the server took the call up, whichever comes
         first; None when neither is set."""
+        if not self._deadline_read:
+            self._read_deadline()
+        if timeout_s is None:
+            return self._grpc_deadline
+        # counted from when the server took the call up
         now = asyncio.get_running_loop().time()
-        candidates = []
+        timeout_at = now - (time.perf_counter() - self._started) + timeout_s
+        if self._grpc_deadline is None:
+            return timeout_at
+        return min(self._grpc_deadline, timeout_at)
+
+    def _read_deadline(self) -> float | None:
+        """The gRPC deadline on the loop's clock (None: none set); the time remaining."""
         remaining = self.context.time_remaining()
+        self._deadline_read = True
         if remaining is not None:
-            candidates.append(now + remaining)
-        if timeout_s is not None:  # counted from when the server took the call up
-            candidates.append(self._taken_at + timeout_s)
-        return min(candidates) if candidates else None
+            self._grpc_deadline = asyncio.get_running_loop().time() + remaining
+        return remaining
 
     async def __aenter__(self) -> Call:
         try:
@@ -126,7 +137,7 @@ class Call:
         except ServiceError as error:
             await self._answer_error(error)
         if self._metrics is not None:  # inference: drop an expired call before any work
-            remaining = self.context.time_remaining()
+            remaining = self._read_deadline()
             if remaining is not None and remaining <= 0:
                 # Its client has stopped waiting and gRPC ends the call with
                 # DEADLINE_EXCEEDED itself: count it, send nothing (a status sent on the dead
