@@ -38,6 +38,7 @@ polls the queue; a timer stands in for the delay below):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -154,7 +155,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
         self._computing = 0  # batches handed to the runner whose run has not returned
-        self._batches: set[asyncio.Task[None]] = set()  # batch tasks not finished yet
+        self._batches: set[asyncio.Future[np.ndarray]] = set()  # runs not returned yet
         self._timer: asyncio.TimerHandle | None = None
         self._dispatch_scheduled = False
         self._started = False
@@ -169,7 +170,7 @@ class Batcher:
 
     def start(self) -> None:
         """Starts batching on the running loop (until then requests only queue): batches run
-        as tasks there, started when requests arrive and when runs return."""
+        when requests arrive and when runs return."""
         self._started = True
         self._dispatch(asyncio.get_running_loop())
 
@@ -291,38 +292,45 @@ class Batcher:
         return True
 
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hands the next batch to the runner; `_batch_returned` takes it from there."""
         batch = self._take(loop)
         if not batch:
             return
-        self._computing += 1
-        task = loop.create_task(self._execute(batch, loop))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
-
-    def _run_returned(self, loop: asyncio.AbstractEventLoop, at_once: bool = True) -> None:
-        """Frees the batch's slot and starts what may start now (or at the turn's end)."""
-        self._computing -= 1
-        if at_once:
-            self._dispatch(loop)
-        else:
-            self._schedule_dispatch(loop)
-
-    async def _execute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         started = self._now(loop)
-        batch = [p for p in batch if self._still_wanted(p, started)]  # one loop turn later
+        batch = [p for p in batch if self._still_wanted(p, started)]  # what _take let through
         if not batch:
-            self._run_returned(loop)
             return
         size = sum(len(p.items) for p in batch)
+        self._computing += 1
         try:
-            outputs = _checked(await self._run_batch(self._begin(batch, size, started)), size)
-        except BaseException as error:  # cancelled too: the slot is freed in any case
-            self._run_returned(loop)
+            # The runtime's own future (its worker settles it): no task, no extra loop turn.
+            run = asyncio.ensure_future(self._run_batch(self._begin(batch, size, started)))
+        except Exception as error:
+            self._run_returned(loop, at_once=False)
             self._fail(batch, size, error, self._now(loop) - started)
-            if not isinstance(error, Exception):
-                raise
             return
+        self._batches.add(run)
+        run.add_done_callback(functools.partial(self._batch_returned, batch, size, started, loop))
+
+    def _batch_returned(
+        self,
+        batch: list[_Pending],
+        size: int,
+        started: float,
+        loop: asyncio.AbstractEventLoop,
+        run: asyncio.Future[np.ndarray],
+    ) -> None:
+        """A batch's run ended: answers its requests and starts what may start now."""
+        self._batches.discard(run)
         compute_s = self._now(loop) - started
+        try:
+            if run.cancelled():  # the loop is closing
+                raise asyncio.CancelledError
+            outputs = _checked(run.result(), size)
+        except BaseException as error:  # the slot is freed in any case
+            self._run_returned(loop)
+            self._fail(batch, size, error, compute_s)
+            return
         self._quiet_runs = 0 if self._queue else self._quiet_runs + 1
         pipelined = self._queued_items >= self.max_batch_size
         if pipelined:  # a full batch waits: it goes to the runner before these answers
@@ -331,6 +339,14 @@ class Batcher:
         if not pipelined:  # after the answers just scheduled: the batch grows meanwhile
             loop.call_soon(self._run_returned, loop, False)
         self._finished(size, compute_s, ok=True)
+
+    def _run_returned(self, loop: asyncio.AbstractEventLoop, at_once: bool = True) -> None:
+        """Frees the batch's slot and starts what may start now (or at the turn's end)."""
+        self._computing -= 1
+        if at_once:
+            self._dispatch(loop)
+        else:
+            self._schedule_dispatch(loop)
 
     def _runs_inline(self, size: int) -> bool:
         """True when a batch of `size` items may run on the event loop itself: the load is low
@@ -414,7 +430,7 @@ class Batcher:
         elif isinstance(error, Exception):
             logger.exception("model %s: batch of %d items failed", self.name, size)
             answer = InternalError(f"model {self.name}: batch of {size} items failed: {error!r}")
-        else:  # the batch's task was cancelled: the loop is closing
+        else:  # the run was cancelled: the loop is closing
             answer = ModelNotReady(f"model {self.name} is shutting down")
         self._finished(size, compute_s, ok=False)
         return answer

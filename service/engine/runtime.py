@@ -1,10 +1,11 @@
 """ONNX Runtime: one session per model version, run in an executor the runtime owns.
 
-`OnnxModel.load()` and `warm_up()` block (call them in a thread); `run()` is a coroutine that
-hands `InferenceSession.run` (which releases the GIL) to the model's own worker threads, so the
-event loop never waits on a batch. The hand-off is a queue the workers take batches from and
-one `call_soon_threadsafe` per batch back: half the CPU of `loop.run_in_executor` (about 19
-against 40 µs a round trip on the 2-core build machine), which a small model pays per batch.
+`OnnxModel.load()` and `warm_up()` block (call them in a thread); `run()` hands
+`InferenceSession.run` (which releases the GIL) to the model's own worker threads and returns a
+future of the outputs, so the event loop never waits on a batch. The hand-off is a queue the
+workers take batches from and one `call_soon_threadsafe` per batch back: half the CPU of
+`loop.run_in_executor` (about 19 against 40 µs a round trip on the 2-core build machine), which
+a small model pays per batch.
 
 `run_now()` runs a batch in the calling thread (the batcher's short runs on the event loop). On
 the CPU, when a batch of one is that short, those runs get a session of their own with one
@@ -238,14 +239,15 @@ class OnnxModel:
         output: np.ndarray = self._loop_session.run(self._output_names, self._feeds(images))[0]
         return output
 
-    async def run(self, images: np.ndarray) -> np.ndarray:
-        """Runs one batch on the model's worker threads without blocking the event loop."""
+    def run(self, images: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """Runs one batch on the model's worker threads without blocking the event loop: its
+        outputs come as the result of the future returned (set on the calling loop)."""
         if self._closed:
             raise RuntimeError(f"model {self.spec.name}: the runtime is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         self._jobs.put(_Job(images, loop, future))
-        return await future
+        return future
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
