@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 REPOSITORY ?= model_repository
 MODEL      ?= mnist_cnn
 
-.PHONY: run train serve test test-contended faults lint typecheck proto tools bench bench-table bench-int8 clean constraints
+.PHONY: run train serve test test-contended faults lint typecheck proto tools bench bench-table bench-path bench-int8 clean constraints
 
 # --- set-up -----------------------------------------------------------------
 # Every install takes its versions from constraints.txt, the versions the tests ran; the images
@@ -74,6 +74,13 @@ bench-table: $(VENV)/.stamp-run
 	$(PY) -m service.tools.bench --table --model-repository $(BENCH_REPOSITORY) --large-model resnet18 \
 		--small-model small_cnn --providers cpu --duration $(BENCH_SECONDS) \
 		--warmup $(BENCH_WARMUP) --in-process-batch-sizes 1 2 4 8 16 32 64
+
+# What the path around ONNX Runtime costs a request (docs/benchmark.md): the server and the
+# reference on the small CNN's null twin (same signature, a run that costs nothing), alternating.
+bench-path: $(VENV)/.stamp-run
+	$(BENCH_SMALL_CNN)
+	$(PY) -m service.tools.path_cost --model-repository $(BENCH_REPOSITORY) --model small_cnn \
+		--concurrency 1 4 64 --rounds 2
 
 # INT8 against FP32 (issue 11, docs/benchmark.md): INT8 siblings of the two bench models, ONNX
 # Runtime alone (interleaved rounds), then each served at 64 clients, FP32 and INT8 alternating.

@@ -19,8 +19,10 @@ import pytest
 
 from service._proto import grpc_service_pb2 as pb2
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from service.tools import bench, bench_table
+from service.engine.runtime import OnnxModel, RuntimeOptions
+from service.tools import bench, bench_table, path_cost
 from service.tools.loadgen import LoadResult, cpu_seconds
+from service.tools.path_cost import write_null_model
 from tests.model_factory import TinySpec, reference_logits
 
 CASE_ROW = re.compile(
@@ -126,3 +128,44 @@ def test_cpu_seconds_reads_proc() -> None:
     used = cpu_seconds(os.getpid())
     assert used is not None and used > 0  # importing numpy and grpc alone costs more than a tick
     assert cpu_seconds(2**22 + 1) is None  # above Linux's PID_MAX_LIMIT: never a process
+
+
+PATH_COST_ROW = re.compile(
+    r"^\| (convserve|reference) \| (\d+) \| \d+ \| \d+\.\d\d \| \d+ \| \d+ \| \d+ \| \d+ \|$"
+)
+
+
+def test_the_null_twin_keeps_the_signature_and_computes_the_mean(
+    tiny_repository: Path, tiny_spec: TinySpec, tmp_path: Path
+) -> None:
+    version_dir = tiny_repository / "tiny" / "1"
+    write_null_model(version_dir, tmp_path / "tiny_null" / "1", "tiny_null")
+    runtime = OnnxModel.load(
+        "tiny_null", 1, tmp_path / "tiny_null" / "1" / "model.onnx", RuntimeOptions()
+    )
+    try:
+        images = np.random.default_rng(1).integers(0, 256, size=(3, 1, 28, 28), dtype=np.uint8)
+        outputs = runtime.run_blocking(images)
+        means = images.reshape(3, -1).mean(axis=1, dtype=np.float64)
+        np.testing.assert_allclose(outputs, np.repeat(means[:, None], 10, axis=1), rtol=1e-5)
+        assert (runtime.spec.input_shape, tuple(runtime.spec.labels)) == (
+            (tiny_spec.channels, tiny_spec.height, tiny_spec.width), tiny_spec.labels
+        )  # fmt: skip
+    finally:
+        runtime.close()
+
+
+def test_path_cost_prints_both_servers_at_each_load(
+    tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = path_cost.main(
+        [
+            "--model-repository", str(tiny_repository), "--model", "tiny",
+            "--concurrency", "1", "4", "--rounds", "1", "--duration", "0.3", "--warmup", "0.1",
+        ]
+    )  # fmt: skip
+    assert status == 0
+    rows = [m for line in capsys.readouterr().out.splitlines() if (m := PATH_COST_ROW.match(line))]
+    assert [(m[1], int(m[2])) for m in rows] == [
+        ("convserve", 1), ("reference", 1), ("convserve", 4), ("reference", 4)
+    ]  # fmt: skip
