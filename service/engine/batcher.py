@@ -297,7 +297,7 @@ class Batcher:
         if not batch:
             return
         started = self._now(loop)
-        batch = [p for p in batch if self._still_wanted(p, started)]  # what _take let through
+        batch = [p for p in batch if self._still_wanted(p, started)]  # again, as it goes
         if not batch:
             return
         size = sum(len(p.items) for p in batch)

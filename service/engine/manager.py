@@ -64,20 +64,15 @@ class LoadedModel:
         self.leases = 0
         self._idle: asyncio.Event | None = None
 
-    def acquire(self) -> None:
-        self.leases += 1
-
-    def release(self) -> None:
-        self.leases -= 1
-        if self.leases == 0 and self._idle is not None:
-            self._idle.set()
-
-    def __enter__(self) -> LoadedModel:  # a lease: `with manager.lease(name, version)`
+    def __enter__(self) -> LoadedModel:
+        """Takes a lease (`with manager.lease(name, version) as model:`)."""
         self.leases += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.release()
+        self.leases -= 1
+        if self.leases == 0 and self._idle is not None:
+            self._idle.set()
 
     async def retire(self) -> None:
         """Waits until no request holds a lease (call once it takes no new ones)."""

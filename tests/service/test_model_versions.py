@@ -371,12 +371,6 @@ class FakeVersion:
     def set_ready(self, ready: bool) -> None:
         pass
 
-    def acquire(self) -> None:
-        self.leases += 1
-
-    def release(self) -> None:
-        self.leases -= 1
-
     async def retire(self) -> None:
         pass
 
