@@ -2,7 +2,8 @@
 
 No gRPC in here: the Classify servicer resolves the model, calls `Classifier.classify()` and
 encodes the answer. Decoding runs in a thread pool (Pillow releases the GIL for most of it),
-so the event loop keeps serving while images are decoded.
+so the event loop keeps serving while images are decoded; images too small for the hand-off to
+pay are decoded on the loop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service.engine.batcher import RequestTiming
-from service.engine.images import DEFAULT_IMAGE_FORMATS, decode_image
+from service.engine.images import DEFAULT_IMAGE_FORMATS, decode_image, header_pixels
 from service.engine.results import ScoredClass, top_k
 from service.errors import InvalidInput
 
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from service.engine.manager import LoadedModel
 
 DEFAULT_TOP_K = 5
+# Images of at most this many pixels are decoded on the event loop: a 28 x 28 PNG decodes in
+# about 30 µs and a 64 x 64 one in 55, while the hand-off to a decode thread and back costs
+# about 100 µs of CPU and as much latency (measured on the 2-core build machine). Larger ones
+# (a 224 x 224 photo: ~0.7 ms) go to the thread pool, so the loop keeps serving meanwhile.
+INLINE_DECODE_MAX_PIXELS = 64 * 64
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -58,15 +64,24 @@ class Classifier:
         return min(requested or DEFAULT_TOP_K, classes)
 
     async def decode(self, model: LoadedModel, images: Sequence[bytes]) -> np.ndarray:
-        """Decodes every image in the thread pool; uint8 [N, C, H, W] in request order."""
+        """Decodes every image, on the loop when all are small (INLINE_DECODE_MAX_PIXELS, read
+        from their headers), else in the thread pool; uint8 [N, C, H, W] in request order."""
         if not images:
             raise InvalidInput("the request holds no images; send at least one")
+        if all(self._small(data) for data in images):
+            return np.stack([self._decode_one(model, i, data) for i, data in enumerate(images)])
         loop = asyncio.get_running_loop()
         rows = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self._decode_one, model, i, data)
               for i, data in enumerate(images))
         )  # fmt: skip
         return np.stack(rows)
+
+    def _small(self, data: bytes) -> bool:
+        if len(data) > self.max_image_bytes:
+            return False  # refused by decode_image; no header parse for it here
+        pixels = header_pixels(data, self.image_formats)
+        return pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS
 
     def _decode_one(self, model: LoadedModel, position: int, data: bytes) -> np.ndarray:
         started = time.perf_counter()

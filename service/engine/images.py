@@ -35,6 +35,17 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     return prepare(image, p.color_mode, p.width, p.height, p.resize)
 
 
+def header_pixels(data: bytes, formats: Sequence[str] = DEFAULT_IMAGE_FORMATS) -> int | None:
+    """Width x height from the image's header alone (nothing is decoded); None when no decoder
+    of `formats` reads it (decode_image then says why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=tuple(formats)) as image:
+            width, height = image.size
+    except Exception:  # whatever Pillow raises, decode_image explains it
+        return None
+    return int(width) * int(height)
+
+
 def decode_image(
     data: bytes,
     preprocessing: Preprocessing,

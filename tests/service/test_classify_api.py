@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from PIL import Image
 
 from service._proto import classification_pb2 as cls_pb2
 from service.engine.batcher import Batcher
-from service.engine.classify import Classifier
+from service.engine.classify import INLINE_DECODE_MAX_PIXELS, Classifier
 from service.engine.manager import LoadedModel
 from service.errors import InvalidInput, Overloaded
 from service.repository.disk import Preprocessing
@@ -196,3 +197,43 @@ def test_the_classifier_decodes_only_its_image_formats() -> None:
         f"image 1: cannot decode the image ({len(jpeg)} bytes): not an image in an accepted "
         "format; accepted: PNG"
     )
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A decode pool that counts what is handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_small_images_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> None:
+    """A hand-off to a decode thread costs more than decoding a tiny image; a large one must
+    not hold the event loop. Decided from the images' headers, per request."""
+    observed: list[float] = []
+    model = cast(
+        LoadedModel,
+        SimpleNamespace(
+            spec=SimpleNamespace(preprocessing=Preprocessing(28, 28, 1, "L")),
+            metrics=SimpleNamespace(image_decode=SimpleNamespace(observe=observed.append)),
+        ),
+    )
+    side = math.isqrt(INLINE_DECODE_MAX_PIXELS)
+    small = encode_image(np.full((side, side), 7, dtype=np.uint8), "PNG")  # at the limit
+    large = encode_image(np.full((side + 1, side + 1), 7, dtype=np.uint8), "PNG")
+    with CountingExecutor() as executor:
+        classifier = Classifier(
+            executor, max_image_bytes=10_000, max_image_pixels=10_000, max_top_k=5
+        )
+        rows = asyncio.run(classifier.decode(model, [small, small]))
+        assert (rows.shape, executor.submitted) == ((2, 1, 28, 28), 0)
+        rows = asyncio.run(classifier.decode(model, [small, large]))
+        assert (rows.shape, executor.submitted) == ((2, 1, 28, 28), 2)  # one large: all go
+        with pytest.raises(InvalidInput, match="image 1: cannot decode the image"):
+            asyncio.run(classifier.decode(model, [small, b"not an image"]))
+        assert executor.submitted == 4  # unreadable: the pool's decode says why
+    assert len(observed) == 5  # every decode is timed, wherever it ran
