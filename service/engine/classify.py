@@ -30,6 +30,9 @@ DEFAULT_TOP_K = 5
 # about 100 µs of CPU and as much latency (measured on the 2-core build machine). Larger ones
 # (a 224 x 224 photo: ~0.7 ms) go to the thread pool, so the loop keeps serving meanwhile.
 INLINE_DECODE_MAX_PIXELS = 64 * 64
+# ... and at most this many bytes (a 64 x 64 RGB PNG of noise is 12 KB): a small header over a
+# large file (chunks a decoder still walks) goes to the pool too.
+INLINE_DECODE_MAX_BYTES = 64 * 1024
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -65,7 +68,8 @@ class Classifier:
 
     async def decode(self, model: LoadedModel, images: Sequence[bytes]) -> np.ndarray:
         """Decodes every image, on the loop when all are small (INLINE_DECODE_MAX_PIXELS, read
-        from their headers), else in the thread pool; uint8 [N, C, H, W] in request order."""
+        from their headers, and INLINE_DECODE_MAX_BYTES), else in the thread pool; uint8
+        [N, C, H, W] in request order."""
         if not images:
             raise InvalidInput("the request holds no images; send at least one")
         if all(self._small(data) for data in images):
@@ -78,8 +82,8 @@ class Classifier:
         return np.stack(rows)
 
     def _small(self, data: bytes) -> bool:
-        if len(data) > self.max_image_bytes:
-            return False  # refused by decode_image; no header parse for it here
+        if len(data) > min(self.max_image_bytes, INLINE_DECODE_MAX_BYTES):
+            return False  # no header parse for it here
         pixels = header_pixels(data, self.image_formats)
         return pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS
 

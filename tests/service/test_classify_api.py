@@ -17,7 +17,11 @@ from PIL import Image
 
 from service._proto import classification_pb2 as cls_pb2
 from service.engine.batcher import Batcher
-from service.engine.classify import INLINE_DECODE_MAX_PIXELS, Classifier
+from service.engine.classify import (
+    INLINE_DECODE_MAX_BYTES,
+    INLINE_DECODE_MAX_PIXELS,
+    Classifier,
+)
 from service.engine.manager import LoadedModel
 from service.errors import InvalidInput, Overloaded
 from service.repository.disk import Preprocessing
@@ -227,7 +231,7 @@ def test_small_images_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> N
     large = encode_image(np.full((side + 1, side + 1), 7, dtype=np.uint8), "PNG")
     with CountingExecutor() as executor:
         classifier = Classifier(
-            executor, max_image_bytes=10_000, max_image_pixels=10_000, max_top_k=5
+            executor, max_image_bytes=1 << 20, max_image_pixels=10_000, max_top_k=5
         )
         rows = asyncio.run(classifier.decode(model, [small, small]))
         assert (rows.shape, executor.submitted) == ((2, 1, 28, 28), 0)
@@ -236,4 +240,7 @@ def test_small_images_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> N
         with pytest.raises(InvalidInput, match="image 1: cannot decode the image"):
             asyncio.run(classifier.decode(model, [small, b"not an image"]))
         assert executor.submitted == 4  # unreadable: the pool's decode says why
-    assert len(observed) == 5  # every decode is timed, wherever it ran
+        padded = small + bytes(INLINE_DECODE_MAX_BYTES)  # a small header over a large file
+        rows = asyncio.run(classifier.decode(model, [padded]))
+        assert (rows.shape, executor.submitted) == ((1, 1, 28, 28), 5)
+    assert len(observed) == 6  # every decode is timed, wherever it ran
