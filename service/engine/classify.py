@@ -28,7 +28,7 @@ DEFAULT_TOP_K = 5
 # Images of at most this many pixels are decoded on the event loop: a 28 x 28 PNG decodes in
 # about 30 µs and a 64 x 64 one in 55, while the hand-off to a decode thread and back costs
 # about 100 µs of CPU and as much latency (measured on the 2-core build machine). Larger ones
-# (a 224 x 224 photo: ~0.7 ms) go to the thread pool, so the loop keeps serving meanwhile.
+# (a 224 x 224 RGB PNG: ~0.7 ms) go to the thread pool, so the loop keeps serving meanwhile.
 INLINE_DECODE_MAX_PIXELS = 64 * 64
 # ... and at most this many bytes (a 64 x 64 RGB PNG of noise is 12 KB): a small header over a
 # large file (chunks a decoder still walks) goes to the pool too.
