@@ -305,9 +305,11 @@ class Batcher:
         try:
             # The runtime's own future (its worker settles it): no task, no extra loop turn.
             run = asyncio.ensure_future(self._run_batch(self._begin(batch, size, started)))
-        except Exception as error:
+        except BaseException as error:  # the slot is freed and the batch answered in any case
             self._run_returned(loop, at_once=False)
             self._fail(batch, size, error, self._now(loop) - started)
+            if not isinstance(error, Exception):
+                raise
             return
         self._batches.add(run)
         run.add_done_callback(functools.partial(self._batch_returned, batch, size, started, loop))
@@ -380,8 +382,8 @@ class Batcher:
             )
         self.stats.on_loop += 1
         size = len(items)
-        self._observer.batch_started(size, (0.0,))
         try:
+            self._observer.batch_started(size, (0.0,))
             outputs = _checked(self._run_inline(items), size)
         except BaseException as error:
             answer = self._failed(size, error, self._clock_now() - now)

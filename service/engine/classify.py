@@ -25,13 +25,15 @@ if TYPE_CHECKING:
     from service.engine.manager import LoadedModel
 
 DEFAULT_TOP_K = 5
-# Images of at most this many pixels are decoded on the event loop: a 28 x 28 PNG decodes in
-# about 30 µs and a 64 x 64 one in 55, while the hand-off to a decode thread and back costs
-# about 100 µs of CPU and as much latency (measured on the 2-core build machine). Larger ones
-# (a 224 x 224 RGB PNG: ~0.7 ms) go to the thread pool, so the loop keeps serving meanwhile.
+# A call whose images hold at most this many pixels in all is decoded on the event loop (each
+# image counted at its own size or the model's input size, whichever is larger: the resize
+# writes the latter): a 28 x 28 PNG decodes in about 30 µs and a 64 x 64 one in 55, while the
+# hand-off to a decode thread and back costs about 100 µs of CPU and as much latency (measured
+# on the 2-core build machine). Anything more (a 224 x 224 RGB PNG alone: ~0.7 ms) goes to the
+# thread pool, so the loop keeps serving meanwhile.
 INLINE_DECODE_MAX_PIXELS = 64 * 64
-# ... and at most this many bytes (a 64 x 64 RGB PNG of noise is 12 KB): a small header over a
-# large file (chunks a decoder still walks) goes to the pool too.
+# ... and each image at most this many bytes (a 64 x 64 RGB PNG of noise is 12 KB): a small
+# header over a large file (chunks a decoder still walks) goes to the pool too.
 INLINE_DECODE_MAX_BYTES = 64 * 1024
 
 
@@ -67,12 +69,11 @@ class Classifier:
         return min(requested or DEFAULT_TOP_K, classes)
 
     async def decode(self, model: LoadedModel, images: Sequence[bytes]) -> np.ndarray:
-        """Decodes every image, on the loop when all are small (INLINE_DECODE_MAX_PIXELS, read
-        from their headers, and INLINE_DECODE_MAX_BYTES), else in the thread pool; uint8
-        [N, C, H, W] in request order."""
+        """Decodes every image, on the loop when the call is small (`_small`), else in the
+        thread pool; uint8 [N, C, H, W] in request order."""
         if not images:
             raise InvalidInput("the request holds no images; send at least one")
-        if all(self._small(data) for data in images):
+        if self._small(model, images):
             return np.stack([self._decode_one(model, i, data) for i, data in enumerate(images)])
         loop = asyncio.get_running_loop()
         rows = await asyncio.gather(
@@ -81,11 +82,25 @@ class Classifier:
         )  # fmt: skip
         return np.stack(rows)
 
-    def _small(self, data: bytes) -> bool:
-        if len(data) > min(self.max_image_bytes, INLINE_DECODE_MAX_BYTES):
-            return False  # no header parse for it here
-        pixels = header_pixels(data, self.image_formats)
-        return pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS
+    def _small(self, model: LoadedModel, images: Sequence[bytes]) -> bool:
+        """True when decoding `images` on the loop costs less than handing them off: at most
+        INLINE_DECODE_MAX_PIXELS in all (read from the headers, each image counted at the
+        larger of its size and the model's input size), each at most INLINE_DECODE_MAX_BYTES.
+        Stops reading headers as soon as the answer is no."""
+        p = model.spec.preprocessing
+        target = p.width * p.height
+        budget = INLINE_DECODE_MAX_PIXELS
+        byte_limit = min(self.max_image_bytes, INLINE_DECODE_MAX_BYTES)
+        for data in images:
+            if len(data) > byte_limit or budget < target:
+                return False
+            pixels = header_pixels(data, self.image_formats)
+            if pixels is None:  # unreadable: the pool's decode says why
+                return False
+            budget -= max(pixels, target)
+            if budget < 0:
+                return False
+        return True
 
     def _decode_one(self, model: LoadedModel, position: int, data: bytes) -> np.ndarray:
         started = time.perf_counter()

@@ -16,6 +16,7 @@ poller thread, ONNX Runtime's threads). Compare within one run: absolute figures
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -30,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.repository.disk import MODEL_FILE, ModelRepository, read_metadata, spec_from_metadata
+from service.repository.policy import BATCHING_KEYS, CONFIG_FILE
 from service.tools import bench
 from service.tools.loadgen import CLOCK_TICKS_PER_S, run_load
 
@@ -86,6 +88,11 @@ def null_repository(repository: Path, model: str) -> Iterator[tuple[Path, str]]:
     with tempfile.TemporaryDirectory(prefix="path-cost-") as directory:
         root = Path(directory)
         write_null_model(entry.model_path.parent, root / name / "1", name)
+        config = entry.directory / CONFIG_FILE  # the model's batching, if it sets any
+        if config.is_file():
+            settings = json.loads(config.read_text())
+            batching = {k: v for k, v in settings.items() if k in BATCHING_KEYS}
+            (root / name / CONFIG_FILE).write_text(json.dumps(batching))  # one version: no policy
         yield root, name
 
 

@@ -215,9 +215,9 @@ class CountingExecutor(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-def test_small_images_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> None:
-    """A hand-off to a decode thread costs more than decoding a tiny image; a large one must
-    not hold the event loop. Decided from the images' headers, per request."""
+def test_small_calls_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> None:
+    """A hand-off to a decode thread costs more than decoding a tiny image; a large call must
+    not hold the event loop. Decided from the images' headers, per call."""
     observed: list[float] = []
     model = cast(
         LoadedModel,
@@ -226,21 +226,37 @@ def test_small_images_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> N
             metrics=SimpleNamespace(image_decode=SimpleNamespace(observe=observed.append)),
         ),
     )
-    side = math.isqrt(INLINE_DECODE_MAX_PIXELS)
-    small = encode_image(np.full((side, side), 7, dtype=np.uint8), "PNG")  # at the limit
-    large = encode_image(np.full((side + 1, side + 1), 7, dtype=np.uint8), "PNG")
+    side = math.isqrt(INLINE_DECODE_MAX_PIXELS // 4)  # four of these make the budget
+    small = encode_image(np.full((side, side), 7, dtype=np.uint8), "PNG")
+    whole = math.isqrt(INLINE_DECODE_MAX_PIXELS)
+    at_limit = encode_image(np.full((whole, whole), 7, dtype=np.uint8), "PNG")
+    large = encode_image(np.full((whole + 1, whole + 1), 7, dtype=np.uint8), "PNG")
     with CountingExecutor() as executor:
         classifier = Classifier(
             executor, max_image_bytes=1 << 20, max_image_pixels=10_000, max_top_k=5
         )
-        rows = asyncio.run(classifier.decode(model, [small, small]))
-        assert (rows.shape, executor.submitted) == ((2, 1, 28, 28), 0)
-        rows = asyncio.run(classifier.decode(model, [small, large]))
-        assert (rows.shape, executor.submitted) == ((2, 1, 28, 28), 2)  # one large: all go
+
+        def decode(images: list[bytes]) -> tuple[tuple[int, ...], int]:
+            before = executor.submitted
+            rows = asyncio.run(classifier.decode(model, images))
+            return rows.shape, executor.submitted - before
+
+        assert decode([small] * 4) == ((4, 1, 28, 28), 0)  # the budget, on the loop
+        assert decode([at_limit]) == ((1, 1, 28, 28), 0)
+        assert decode([small] * 5) == ((5, 1, 28, 28), 5)  # over it: all to the pool
+        assert decode([large]) == ((1, 1, 28, 28), 1)
+        padded = small + bytes(INLINE_DECODE_MAX_BYTES)  # a small header over a large file
+        assert decode([padded]) == ((1, 1, 28, 28), 1)
         with pytest.raises(InvalidInput, match="image 1: cannot decode the image"):
             asyncio.run(classifier.decode(model, [small, b"not an image"]))
-        assert executor.submitted == 4  # unreadable: the pool's decode says why
-        padded = small + bytes(INLINE_DECODE_MAX_BYTES)  # a small header over a large file
-        rows = asyncio.run(classifier.decode(model, [padded]))
-        assert (rows.shape, executor.submitted) == ((1, 1, 28, 28), 5)
-    assert len(observed) == 6  # every decode is timed, wherever it ran
+        assert executor.submitted == 9  # unreadable: the pool's decode says why
+        big_model = cast(
+            LoadedModel,
+            SimpleNamespace(
+                spec=SimpleNamespace(preprocessing=Preprocessing(224, 224, 1, "L")),
+                metrics=model.metrics,
+            ),
+        )
+        rows = asyncio.run(classifier.decode(big_model, [small]))  # the resize is the cost
+        assert (rows.shape, executor.submitted) == ((1, 1, 224, 224), 10)
+    assert len(observed) == 4 + 1 + 5 + 1 + 1 + 1 + 1  # every decode is timed, wherever it ran
