@@ -2,8 +2,8 @@
 
 No gRPC in here: the Classify servicer resolves the model, calls `Classifier.classify()` and
 encodes the answer. Decoding runs in a thread pool (Pillow releases the GIL for most of it),
-so the event loop keeps serving while images are decoded; images too small for the hand-off to
-pay are decoded on the loop.
+so the event loop keeps serving while images are decoded; a call whose images are too small
+for the hand-off to pay is decoded on the loop.
 """
 
 from __future__ import annotations
