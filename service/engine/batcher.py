@@ -165,9 +165,6 @@ class Batcher:
     def _now(self, loop: asyncio.AbstractEventLoop) -> float:
         return self._clock() if self._clock is not None else loop.time()
 
-    def _clock_now(self) -> float:
-        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
-
     def start(self) -> None:
         """Starts batching on the running loop (until then requests only queue): batches run
         when requests arrive and when runs return."""
@@ -210,7 +207,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = self._now(loop)
         if self._started and n <= self.max_batch_size and self._runs_inline(n):
-            return self._compute_now(items, now, deadline, timing)  # no hop, no queue
+            return self._compute_now(items, now, deadline, timing, loop)  # no hop, no queue
         if self._computing:  # an arrival while a batch computes: the load is not low
             self._quiet_runs = 0
         futures = []
@@ -371,6 +368,7 @@ class Batcher:
         now: float,
         deadline: float | None,
         timing: RequestTiming | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> np.ndarray:
         """One request as a batch of its own, on the event loop, in the caller's turn."""
         assert self._run_inline is not None
@@ -386,11 +384,11 @@ class Batcher:
             self._observer.batch_started(size, (0.0,))
             outputs = _checked(self._run_inline(items), size)
         except BaseException as error:
-            answer = self._failed(size, error, self._clock_now() - now)
+            answer = self._failed(size, error, self._now(loop) - now)
             if answer is error or not isinstance(error, Exception):
                 raise
             raise answer from error
-        compute_s = self._clock_now() - now
+        compute_s = self._now(loop) - now
         if timing is not None:
             timing.compute_s += compute_s
         self._finished(size, compute_s, ok=True)

@@ -94,8 +94,14 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of process `pid` (all its threads), from /proc/PID/stat; None
     when it cannot be read (not Linux, or the process is gone)."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def stat_cpu_seconds(stat_file: Path) -> float | None:
+    """User + system CPU time from a /proc `stat` file (a process's, or a thread's under
+    /proc/PID/task/TID); None when it cannot be read."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = stat_file.read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after it.

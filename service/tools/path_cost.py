@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from service.repository.disk import MODEL_FILE, ModelRepository, read_metadata, spec_from_metadata
 from service.repository.policy import BATCHING_KEYS, CONFIG_FILE
 from service.tools import bench
-from service.tools.loadgen import CLOCK_TICKS_PER_S, run_load
+from service.tools.loadgen import run_load, stat_cpu_seconds
 
 THREAD_GROUPS = ("event loop", "gRPC core", "other")
 
@@ -102,11 +102,11 @@ def thread_cpu(pid: int) -> dict[str, float]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            stat = (task / "stat").read_text()
         except OSError:  # the thread ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+        seconds = stat_cpu_seconds(task / "stat")
+        if seconds is None:
+            continue
         if task.name == str(pid):
             group = "event loop"
         elif name.startswith(("event_engine", "grpc")):

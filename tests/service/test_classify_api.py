@@ -174,15 +174,21 @@ def test_a_full_queue_refuses_before_decoding() -> None:
     asyncio.run(scenario())
 
 
-def test_the_classifier_decodes_only_its_image_formats() -> None:
-    observed: list[float] = []
-    model = cast(
+def decoding_model(preprocessing: Preprocessing, observed: list[float]) -> LoadedModel:
+    """What Classifier.decode needs of a model: its preprocessing and a decode-time metric
+    that records into `observed`."""
+    return cast(
         LoadedModel,
         SimpleNamespace(
-            spec=SimpleNamespace(preprocessing=Preprocessing(28, 28, 1, "L")),
+            spec=SimpleNamespace(preprocessing=preprocessing),
             metrics=SimpleNamespace(image_decode=SimpleNamespace(observe=observed.append)),
         ),
     )
+
+
+def test_the_classifier_decodes_only_its_image_formats() -> None:
+    observed: list[float] = []
+    model = decoding_model(Preprocessing(28, 28, 1, "L"), observed)
     png = encode_image(np.full((28, 28), 7, dtype=np.uint8), "PNG")
     jpeg = encode_image(np.full((28, 28), 7, dtype=np.uint8), "JPEG")
     with ThreadPoolExecutor(1) as executor:
@@ -219,13 +225,7 @@ def test_small_calls_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> No
     """A hand-off to a decode thread costs more than decoding a tiny image; a large call must
     not hold the event loop. Decided from the images' headers, per call."""
     observed: list[float] = []
-    model = cast(
-        LoadedModel,
-        SimpleNamespace(
-            spec=SimpleNamespace(preprocessing=Preprocessing(28, 28, 1, "L")),
-            metrics=SimpleNamespace(image_decode=SimpleNamespace(observe=observed.append)),
-        ),
-    )
+    model = decoding_model(Preprocessing(28, 28, 1, "L"), observed)
     side = math.isqrt(INLINE_DECODE_MAX_PIXELS // 4)  # four of these make the budget
     small = encode_image(np.full((side, side), 7, dtype=np.uint8), "PNG")
     whole = math.isqrt(INLINE_DECODE_MAX_PIXELS)
@@ -250,13 +250,7 @@ def test_small_calls_are_decoded_on_the_loop_and_larger_ones_in_the_pool() -> No
         with pytest.raises(InvalidInput, match="image 1: cannot decode the image"):
             asyncio.run(classifier.decode(model, [small, b"not an image"]))
         assert executor.submitted == 9  # unreadable: the pool's decode says why
-        big_model = cast(
-            LoadedModel,
-            SimpleNamespace(
-                spec=SimpleNamespace(preprocessing=Preprocessing(224, 224, 1, "L")),
-                metrics=model.metrics,
-            ),
-        )
+        big_model = decoding_model(Preprocessing(224, 224, 1, "L"), observed)
         rows = asyncio.run(classifier.decode(big_model, [small]))  # the resize is the cost
         assert (rows.shape, executor.submitted) == ((1, 1, 224, 224), 10)
     assert len(observed) == 4 + 1 + 5 + 1 + 1 + 1 + 1  # every decode is timed, wherever it ran
