@@ -195,10 +195,11 @@ class InferenceServer:
             await health_server.start()
             self._health_grpc = health_server
         logger.info(
-            "listening: gRPC %s:%s (%s), metrics http://%s:%s/metrics%s",
+            "listening: gRPC %s:%s (%s), metrics http://%s:%s/metrics%s; event loop %s",
             s.host, self.grpc_port, _transport(s), metrics_host, self.metrics_port,
             "" if self.health_port is None
             else f", plaintext health {s.health_host}:{self.health_port}",
+            running_loop_name(),
         )  # fmt: skip
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -433,6 +434,29 @@ async def serve(settings: Settings, *, wrap_run: WrapRun | None = None) -> int:
     return 1 if failed else 0
 
 
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop `event_loop` names. A missing uvloop stops the start with a message rather than
+    falling back in silence to the slower loop."""
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigurationError(
+            "event_loop uvloop: uvloop is not installed (pip install uvloop, or choose asyncio)"
+        ) from None
+    return uvloop.new_event_loop
+
+
+def running_loop_name() -> str:
+    """The running loop's library and version, for the start-up log: what runs, not what was
+    asked for."""
+    module = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    if module == "uvloop":
+        return f"uvloop {importlib.metadata.version('uvloop')}"
+    return f"asyncio (Python {sys.version.split()[0]})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m service`: parses flags and CONVSERVE_* variables, serves."""
     try:
@@ -444,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            return runner.run(serve(settings))
     except ConfigurationError as error:
         logger.error("%s", error)
         return 2

@@ -35,6 +35,7 @@ OTHER_CONVSERVE_VARIABLES = frozenset(
 PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def _doc(help: str, **extra: Any) -> dict[str, Any]:
@@ -251,6 +252,14 @@ class Settings:
     )
     decode_threads: int = field(
         default=2, metadata=_doc("threads decoding and resizing images for Classify")
+    )
+    event_loop: str = field(
+        default="uvloop",
+        metadata=_doc(
+            "the server's event loop: uvloop (less CPU a request, docs/benchmark.md) or "
+            "asyncio's own",
+            choices=EVENT_LOOPS,
+        ),
     )
     log_level: str = field(default="INFO", metadata=_doc("logging level", choices=LOG_LEVELS))
 

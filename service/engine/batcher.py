@@ -31,7 +31,9 @@ polls the queue; a timer stands in for the delay below):
 - results are split back in order; an error in a batch reaches every request of that batch;
 - a request that was cancelled, or whose deadline passed, is dropped before it is computed:
   checked when its batch is formed and again the moment the batch is handed to the runtime;
-- `clock` (default: the event loop's) stamps arrivals and decides deadlines; tests inject one;
+- `clock` (default: `time.perf_counter`, the server's clock) stamps arrivals, times runs and
+  decides deadlines; tests inject one. Not the event loop's: uvloop's `loop.time()` is in whole
+  milliseconds, read once a loop turn, so a run on the loop would take no time by it;
 - a request that does not fit in the queue is refused at once (`Overloaded`).
 """
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -135,7 +138,7 @@ class Batcher:
         max_concurrent_batches: int = 1,
         observer: BatchObserver | None = None,
         name: str = "model",
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
         run_inline: RunInline | None = None,
         inline_max_s: float = 0.0,
     ) -> None:
@@ -161,9 +164,6 @@ class Batcher:
         self._started = False
         self._closed = False
         self._clock = clock
-
-    def _now(self, loop: asyncio.AbstractEventLoop) -> float:
-        return self._clock() if self._clock is not None else loop.time()
 
     def start(self) -> None:
         """Starts batching on the running loop (until then requests only queue): batches run
@@ -200,12 +200,12 @@ class Batcher:
         timing: RequestTiming | None = None,
     ) -> np.ndarray:
         """Computes `items` ([n, ...]) as part of some batches; `deadline` is on the batcher's
-        clock (the event loop's unless one was injected). `timing`, when given, gets the time
+        clock (`time.perf_counter` unless one was injected). `timing`, when given, gets the time
         the request waited and computed (summed over its chunks)."""
         n = len(items)
         self.check_room(n)
         loop = asyncio.get_running_loop()
-        now = self._now(loop)
+        now = self._clock()
         if self._started and n <= self.max_batch_size and self._runs_inline(n):
             return self._compute_now(items, now, deadline, timing, loop)  # no hop, no queue
         if self._computing:  # an arrival while a batch computes: the load is not low
@@ -234,7 +234,7 @@ class Batcher:
         try:
             while self._queue and self._computing < self.max_concurrent_batches:
                 if self._computing and self._queued_items < self.max_batch_size:
-                    waited = self._now(loop) - self._queue[0].enqueued_at
+                    waited = self._clock() - self._queue[0].enqueued_at
                     if waited < self.max_queue_delay_s:
                         if self._timer is None:
                             delay_s = self.max_queue_delay_s - waited
@@ -261,7 +261,7 @@ class Batcher:
     def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         batch: list[_Pending] = []
         size = 0
-        now = self._now(loop)
+        now = self._clock()
         while self._queue and size + len(self._queue[0].items) <= self.max_batch_size:
             pending = self._queue.popleft()
             self._queued_items -= len(pending.items)
@@ -293,7 +293,7 @@ class Batcher:
         batch = self._take(loop)
         if not batch:
             return
-        started = self._now(loop)
+        started = self._clock()
         batch = [p for p in batch if self._still_wanted(p, started)]  # again, as it goes
         if not batch:
             return
@@ -304,7 +304,7 @@ class Batcher:
             run = asyncio.ensure_future(self._run_batch(self._begin(batch, size, started)))
         except BaseException as error:  # the slot is freed and the batch answered in any case
             self._run_returned(loop, at_once=False)
-            self._fail(batch, size, error, self._now(loop) - started)
+            self._fail(batch, size, error, self._clock() - started)
             if not isinstance(error, Exception):
                 raise
             return
@@ -321,7 +321,7 @@ class Batcher:
     ) -> None:
         """A batch's run ended: answers its requests and starts what may start now."""
         self._batches.discard(run)
-        compute_s = self._now(loop) - started
+        compute_s = self._clock() - started
         try:
             if run.cancelled():  # the loop is closing
                 raise asyncio.CancelledError
@@ -384,11 +384,11 @@ class Batcher:
             self._observer.batch_started(size, (0.0,))
             outputs = _checked(self._run_inline(items), size)
         except BaseException as error:
-            answer = self._failed(size, error, self._now(loop) - now)
+            answer = self._failed(size, error, self._clock() - now)
             if answer is error or not isinstance(error, Exception):
                 raise
             raise answer from error
-        compute_s = self._now(loop) - now
+        compute_s = self._clock() - now
         if timing is not None:
             timing.compute_s += compute_s
         self._finished(size, compute_s, ok=True)

@@ -150,7 +150,7 @@ def print_in_process(model: str, figures: Sequence[tuple[int, float]]) -> None:
     print(f"in-process ONNX Runtime, {model}, images/s by batch size: {cells}")
 
 
-def print_machine(options: RuntimeOptions) -> None:
+def print_machine(options: RuntimeOptions, args: argparse.Namespace) -> None:
     import grpc
     import onnxruntime
 
@@ -164,6 +164,10 @@ def print_machine(options: RuntimeOptions) -> None:
         f"onnxruntime {onnxruntime.__version__}, grpcio {grpc.__version__}, "
         f"numpy {np.__version__}; ONNX Runtime: providers {options.providers}, "
         f"intra-op threads {options.intra_op_threads or 'one a core'}"
+    )
+    print(
+        f"server flags: {' '.join(args.server_arg) or 'its defaults (event loop uvloop)'}; "
+        f"reference flags: {' '.join(args.reference_arg) or 'its defaults (event loop asyncio)'}"
     )
 
 
@@ -208,7 +212,7 @@ def measure_model(
 
 def run_table(args: argparse.Namespace) -> int:
     """Every case of issue 11's table, model by model, each server alone on the machine."""
-    print_machine(runtime_options(args))
+    print_machine(runtime_options(args), args)
     models: dict[str, ModelFigures] = {}
     for role, model in (("large", args.large_model), ("small", args.small_model)):
         loads = sorted({(c.concurrency, c.images_per_request) for c in CASES if c.role == role})

@@ -12,7 +12,8 @@ no metrics and serves what the load generator calls (ServerReady, ModelReady, Mo
 ModelInfer); the other methods answer UNIMPLEMENTED.
 
 The session is made by `OnnxModel.load` with the same `RuntimeOptions` flags as the server's,
-so the two differ only in the path around `InferenceSession.run`. It listens on 127.0.0.1 (port
+so the two differ only in the path around `InferenceSession.run` (and the event loop: asyncio's
+unless `--event-loop uvloop`, the server's default). It listens on 127.0.0.1 (port
 0 by default: a free one) and writes {"grpc_port": N} to `--port-file` once it serves.
 """
 
@@ -32,6 +33,8 @@ import numpy as np
 from service._proto import grpc_service_pb2 as pb2
 from service.engine.runtime import OnnxModel, RuntimeOptions
 from service.repository.disk import ModelRepository
+from service.server import event_loop_factory
+from service.settings import EVENT_LOOPS
 from service.wire import converters
 
 SERVICE = "inference.GRPCInferenceService"
@@ -140,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=RuntimeOptions.allow_spinning,
         help="let idle ONNX Runtime threads spin (default: as the server's default)",
     )
+    add(
+        "--event-loop",
+        default="asyncio",
+        choices=EVENT_LOOPS,
+        help="the naive server runs on asyncio's own loop; uvloop to see what it alone buys",
+    )
     return parser
 
 
@@ -154,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args.model_repository, args.model, options)
     model.warm_up([1, 8])
     try:
-        asyncio.run(serve(model, args.port, args.port_file))
+        with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+            runner.run(serve(model, args.port, args.port_file))
     finally:
         model.close()
     return 0

@@ -97,7 +97,7 @@ class Call:
         self._admitted = False
         self._model: ModelMetrics | None = None
         self._started = time.perf_counter()
-        self._grpc_deadline: float | None = None  # on the loop's clock, once read
+        self._grpc_deadline: float | None = None  # on the server's clock, once read
         self._deadline_read = False
 
     def bind(self, model: ModelMetrics) -> None:
@@ -107,26 +107,24 @@ class Call:
             model.in_flight.inc()
 
     def deadline(self, timeout_s: float | None = None) -> float | None:
-        """The call's deadline on the event loop's clock: the gRPC deadline, or `timeout_s`
-        (Triton's request parameter) after the server took the call up, whichever comes
-        first; None when neither is set."""
+        """The call's deadline on the server's clock (`time.perf_counter`, the batcher's): the
+        gRPC deadline, or `timeout_s` (Triton's request parameter) after the server took the
+        call up, whichever comes first; None when neither is set."""
         if not self._deadline_read:
             self._read_deadline()
         if timeout_s is None:
             return self._grpc_deadline
-        # counted from when the server took the call up
-        now = asyncio.get_running_loop().time()
-        timeout_at = now - (time.perf_counter() - self._started) + timeout_s
+        timeout_at = self._started + timeout_s  # counted from when the server took the call up
         if self._grpc_deadline is None:
             return timeout_at
         return min(self._grpc_deadline, timeout_at)
 
     def _read_deadline(self) -> float | None:
-        """The gRPC deadline on the loop's clock (None: none set); the time remaining."""
+        """The gRPC deadline on the server's clock (None: none set); the time remaining."""
         remaining = self.context.time_remaining()
         self._deadline_read = True
         if remaining is not None:
-            self._grpc_deadline = asyncio.get_running_loop().time() + remaining
+            self._grpc_deadline = time.perf_counter() + remaining
         return remaining
 
     async def __aenter__(self) -> Call:

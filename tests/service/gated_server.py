@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from service.engine.batcher import RunBatch
-from service.server import serve
+from service.server import event_loop_factory, serve
 from service.settings import settings_from
 
 
@@ -37,7 +37,8 @@ def main() -> int:
 
         return await serve(settings, wrap_run=wrap)
 
-    return asyncio.run(run())
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        return runner.run(run())
 
 
 if __name__ == "__main__":

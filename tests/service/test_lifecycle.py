@@ -225,6 +225,43 @@ def test_bad_configuration_exits_with_the_reason(tmp_path: Path, tiny_repository
     assert "choose one of: auto, cuda, cpu" in result.stderr
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_server_runs_on_the_event_loop_it_is_given(
+    loop: str, tiny_repository: Path, tmp_path: Path, tiny_spec: TinySpec
+) -> None:
+    """uvloop by default, asyncio's own on request; the log names the loop that runs."""
+    flags = () if loop == "uvloop" else ("--event-loop", "asyncio")
+    server = ServerProcess(tiny_repository, tmp_path, *flags)
+    try:
+        images = random_images(2, seed=7)
+        with grpc.insecure_channel(server.address) as channel:
+            reply = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                infer_request(images), timeout=60
+            )
+        np.testing.assert_allclose(logits_of(reply), reference_logits(tiny_spec, images), atol=1e-5)
+        assert f"; event loop {loop} " in server.output(), server.output()
+    finally:
+        server.close()
+
+
+HIDDEN_UVLOOP = """
+import sys
+sys.modules["uvloop"] = None  # as if it were not installed
+from service.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_missing_uvloop_stops_the_start_with_a_message(tiny_repository: Path) -> None:
+    command = [
+        python(), "-c", HIDDEN_UVLOOP, "--model-repository", str(tiny_repository),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "event_loop uvloop: uvloop is not installed" in result.stderr
+
+
 NO_TORCH = """
 import asyncio, sys
 from pathlib import Path
