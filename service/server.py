@@ -113,7 +113,7 @@ class InferenceServer:
             inter_op_threads=settings.inter_op_threads,
             graph_optimization_level=settings.graph_optimization_level,
             executor_threads=settings.max_concurrent_batches,
-            allow_spinning=settings.intra_op_spinning,
+            spinning=settings.intra_op_spinning,
         )
         self._decode_executor: ThreadPoolExecutor | None = None
         self._grpc: grpc.aio.Server | None = None

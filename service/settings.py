@@ -36,6 +36,7 @@ PROVIDERS = ("auto", "cuda", "cpu")
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 EVENT_LOOPS = ("uvloop", "asyncio")
+SPINNING = ("auto", "on", "off")
 
 
 def _doc(help: str, **extra: Any) -> dict[str, Any]:
@@ -179,11 +180,14 @@ class Settings:
     inter_op_threads: int = field(
         default=0, metadata=_doc("ONNX Runtime inter-op threads per model; 0 = default")
     )
-    intra_op_spinning: bool = field(
-        default=False,
+    intra_op_spinning: str = field(
+        default="auto",
         metadata=_doc(
-            "let idle ONNX Runtime threads spin-wait for work: a little less latency on "
-            "dedicated cores, but they burn CPU the gRPC and decode threads need"
+            "let idle ONNX Runtime threads spin-wait for the next piece of work: on, off, or "
+            "auto (on for a model on the CPU whose batch of one takes at least 0.5 ms, where "
+            "the run outweighs the path around it; off for cheaper models, whose spinning "
+            "threads would take the cores the gRPC work needs)",
+            choices=SPINNING,
         ),
     )
     graph_optimization_level: str = field(

@@ -52,6 +52,15 @@ OPTIMIZATION_LEVELS = {
 LOOP_SESSION_MAX_SLOWDOWN = 1.5
 
 
+# `spinning` auto: ONNX Runtime's threads spin between pieces of work (its own default) for a
+# model on the CPU whose batch of one takes at least this long, and sleep for cheaper ones.
+# Measured on two cores (docs/benchmark.md, "Spinning"): resnet18 (a batch of one 0.9-1.1 ms)
+# gains at every load with it (C=1 +36 %, C=64 +12 %, C=16 x 8 images +7 %); the small CNN
+# (0.12-0.17 ms) loses a quarter of its throughput at 4 and 64 clients, where a run is short
+# beside the gRPC work around it (0.3-0.5 ms a request) and spinning threads take its cores.
+SPIN_MIN_RUN_S = 0.5e-3
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """The ONNX Runtime settings every model session is made with."""
@@ -61,7 +70,15 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
     executor_threads: int = 1
-    allow_spinning: bool = False
+    spinning: str = "auto"  # on, off, or auto: on when a batch of one takes SPIN_MIN_RUN_S
+
+
+def spins(setting: str, provider: str, batch_of_one_s: Callable[[], float]) -> bool:
+    """Whether a model's session spins: `on`/`off` as set; `auto` on for a model on the CPU
+    whose batch of one (timed only then) takes at least SPIN_MIN_RUN_S."""
+    if setting != "auto":
+        return setting == "on"
+    return provider == CPU and batch_of_one_s() >= SPIN_MIN_RUN_S
 
 
 # Device nodes the NVIDIA driver creates (and the container toolkit / k8s device plugin mount
@@ -122,11 +139,11 @@ class OnnxModel:
             worker.start()
         self._output_names = [spec.preprocessing.output_name]
         self._loop_session: ort.InferenceSession | None = None  # run_now's, when it has one
+        self.spinning = False  # whether the session's threads spin (`spinning`, resolved)
 
     @classmethod
     def load(cls, name: str, version: int, path: Path, options: RuntimeOptions) -> OnnxModel:
         """Makes the session and checks the graph against the contract; raises ModelLoadError."""
-        session_options = _session_options(options, options.intra_op_threads)
         available = ort.get_available_providers()
         gpu_present = gpu_device_present()
         providers = requested_providers(options.providers, available, gpu_present)
@@ -137,21 +154,25 @@ class OnnxModel:
                 name, version, ", ".join(map(str, GPU_DEVICE_NODES)),
             )  # fmt: skip
         wants_cuda = CUDA in providers
-        try:
-            session = ort.InferenceSession(
-                str(path), sess_options=session_options, providers=providers
-            )
-        except Exception as error:  # ORT raises its own exception types, undocumented
-            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}") from error
+        session = _new_session(path, options, providers, spinning=options.spinning == "on")
         metadata = read_metadata(session.get_modelmeta().custom_metadata_map, path.parent)
         spec = spec_from_metadata(name, version, metadata, path.parent)
         check_signature(session, spec)
         model = cls(spec, session, path, options, wants_cuda)
+        model.spinning = options.spinning == "on"
         logger.info(
             "model %s version %s: providers %s (requested %s: %s)",
             name, version, ", ".join(model.active_providers), options.providers,
             ", ".join(providers),
         )  # fmt: skip
+        if options.spinning == "auto" and spins("auto", model.provider, model._batch_of_one_s):
+            model._session = _new_session(path, options, providers, spinning=True)
+            model.spinning = True
+            logger.info(
+                "model %s version %s: a batch of one takes at least %.1f ms: ONNX Runtime's "
+                "threads spin between pieces of work (intra_op_spinning auto)",
+                name, version, 1000 * SPIN_MIN_RUN_S,
+            )  # fmt: skip
         if model.fallback:
             logger.warning(
                 "!!! model %s version %s asked for CUDA (providers=%s) but runs on the CPU: "
@@ -161,6 +182,12 @@ class OnnxModel:
                 name, version, options.providers,
             )  # fmt: skip
         return model
+
+    def _batch_of_one_s(self) -> float:
+        """The fastest of three runs of a batch of one, after one that sets the session up."""
+        feeds = self._feeds(self._random_images(1))
+        self._session.run(self._output_names, feeds)
+        return min(_timed(self._session.run, self._output_names, feeds) for _ in range(3))
 
     def warm_up(self, batch_sizes: Sequence[int]) -> float:
         """Runs one batch of each size so no request pays for first-run set-up; returns seconds."""
@@ -190,7 +217,9 @@ class OnnxModel:
             if shared_s > max_s:
                 return False
             session = ort.InferenceSession(
-                str(self._path), sess_options=_session_options(self._options, 1), providers=[CPU]
+                str(self._path),
+                sess_options=_session_options(self._options, 1, spinning=False),
+                providers=[CPU],
             )
             for size in batch_sizes:
                 session.run(self._output_names, self._feeds(self._random_images(size)))
@@ -267,16 +296,28 @@ class OnnxModel:
             worker.join()
 
 
-def _session_options(options: RuntimeOptions, intra_op_threads: int) -> ort.SessionOptions:
+def _session_options(
+    options: RuntimeOptions, intra_op_threads: int, *, spinning: bool
+) -> ort.SessionOptions:
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = intra_op_threads
     session_options.inter_op_num_threads = options.inter_op_threads
     session_options.graph_optimization_level = OPTIMIZATION_LEVELS[options.graph_optimization_level]
-    spinning = "1" if options.allow_spinning else "0"
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    spin = "1" if spinning else "0"
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     session_options.log_severity_level = 3  # ORT's own warnings are noise; we log what matters
     return session_options
+
+
+def _new_session(
+    path: Path, options: RuntimeOptions, providers: Sequence[str], *, spinning: bool
+) -> ort.InferenceSession:
+    session_options = _session_options(options, options.intra_op_threads, spinning=spinning)
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+    except Exception as error:  # ORT raises its own exception types, undocumented
+        raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}") from error
 
 
 def _timed(function: Callable[..., object], *args: object) -> float:

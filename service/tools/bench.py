@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="--table: extra flag for the reference server, e.g. "
-        "--reference-arg=--intra-op-spinning",
+        "--reference-arg=--intra-op-spinning=on",
     )
     add(
         "--providers",

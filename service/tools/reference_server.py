@@ -34,7 +34,7 @@ from service._proto import grpc_service_pb2 as pb2
 from service.engine.runtime import OnnxModel, RuntimeOptions
 from service.repository.disk import ModelRepository
 from service.server import event_loop_factory
-from service.settings import EVENT_LOOPS
+from service.settings import EVENT_LOOPS, SPINNING
 from service.wire import converters
 
 SERVICE = "inference.GRPCInferenceService"
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--intra-op-threads", type=int, default=RuntimeOptions.intra_op_threads)
     add(
         "--intra-op-spinning",
-        action=argparse.BooleanOptionalAction,
-        default=RuntimeOptions.allow_spinning,
+        default=RuntimeOptions.spinning,
+        choices=SPINNING,
         help="let idle ONNX Runtime threads spin (default: as the server's default)",
     )
     add(
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = RuntimeOptions(
         providers=args.providers,
         intra_op_threads=args.intra_op_threads,
-        allow_spinning=args.intra_op_spinning,
+        spinning=args.intra_op_spinning,
     )
     model = load_model(args.model_repository, args.model, options)
     model.warm_up([1, 8])

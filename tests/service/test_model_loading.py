@@ -164,6 +164,46 @@ def scripted_timings(monkeypatch: pytest.MonkeyPatch, durations: list[float]) ->
     monkeypatch.setattr(runtime_module, "_timed", timed)
 
 
+def allow_spinning(model: OnnxModel) -> str:
+    """What the model's ONNX Runtime session was made with."""
+    options = model._session.get_session_options()
+    return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_spinning_is_as_set_or_on_for_a_model_whose_batch_of_one_is_long(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`on` and `off` make the session so and time nothing; `auto` times a batch of one and
+    remakes the session spinning when it takes at least SPIN_MIN_RUN_S (the timings are
+    scripted: the machine's speed decides nothing here); a model off the CPU never spins."""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    scripted_timings(monkeypatch, [])  # any timing here fails the test
+    for setting in ("on", "off"):
+        model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", spinning=setting))
+        assert (model.spinning, allow_spinning(model)) == (setting == "on", "10"[setting == "off"])
+        model.close()
+    assert not runtime_module.spins("auto", "CUDAExecutionProvider", lambda: 1.0 / 0)
+
+    limit = runtime_module.SPIN_MIN_RUN_S
+    for timings, expected in (
+        ([2 * limit, limit, 3 * limit], True),
+        ([2 * limit, 0.9 * limit], False),
+    ):
+        scripted_timings(monkeypatch, timings + [limit] * 3)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service.engine.runtime"):
+            model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu"))
+        try:
+            assert (model.spinning, allow_spinning(model)) == (expected, "01"[expected])
+            assert ("threads spin between pieces of work" in caplog.text) == expected
+            images = random_images(3, seed=11)
+            np.testing.assert_allclose(
+                model.run_blocking(images), reference_logits(TinySpec(), images), atol=1e-5
+            )
+        finally:
+            model.close()
+
+
 def test_runs_on_the_loop_get_a_single_threaded_session_when_it_is_short_and_no_slower(
     tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
