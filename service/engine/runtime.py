@@ -55,9 +55,10 @@ LOOP_SESSION_MAX_SLOWDOWN = 1.5
 # `spinning` auto: ONNX Runtime's threads spin between pieces of work (its own default) for a
 # model on the CPU whose batch of one takes at least this long, and sleep for cheaper ones.
 # Measured on two cores (docs/benchmark.md, "Spinning"): resnet18 (a batch of one 0.9-1.1 ms)
-# gains at every load with it (C=1 +36 %, C=64 +12 %, C=16 x 8 images +7 %); the small CNN
-# (0.12-0.17 ms) loses a quarter of its throughput at 4 and 64 clients, where a run is short
-# beside the gRPC work around it (0.3-0.5 ms a request) and spinning threads take its cores.
+# gains at every load with it (C=1 +32 %, C=4 +9 %, C=16 x 8 images +7 %, C=64 +4 %); the
+# small CNN (0.12-0.17 ms) loses a quarter of its throughput at 4 and 64 clients, where a run
+# is short beside the gRPC work around it (0.3-0.5 ms a request) and spinning threads take its
+# cores.
 SPIN_MIN_RUN_S = 0.5e-3
 
 
@@ -73,11 +74,9 @@ class RuntimeOptions:
     spinning: str = "auto"  # on, off, or auto: on when a batch of one takes SPIN_MIN_RUN_S
 
 
-def spins(setting: str, provider: str, batch_of_one_s: Callable[[], float]) -> bool:
-    """Whether a model's session spins: `on`/`off` as set; `auto` on for a model on the CPU
-    whose batch of one (timed only then) takes at least SPIN_MIN_RUN_S."""
-    if setting != "auto":
-        return setting == "on"
+def spins_when_auto(provider: str, batch_of_one_s: Callable[[], float]) -> bool:
+    """`spinning` auto: on for a model on the CPU whose batch of one (timed only then) takes
+    at least SPIN_MIN_RUN_S."""
     return provider == CPU and batch_of_one_s() >= SPIN_MIN_RUN_S
 
 
@@ -165,7 +164,7 @@ class OnnxModel:
             name, version, ", ".join(model.active_providers), options.providers,
             ", ".join(providers),
         )  # fmt: skip
-        if options.spinning == "auto" and spins("auto", model.provider, model._batch_of_one_s):
+        if options.spinning == "auto" and spins_when_auto(model.provider, model._batch_of_one_s):
             model._session = _new_session(path, options, providers, spinning=True)
             model.spinning = True
             logger.info(

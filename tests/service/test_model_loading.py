@@ -182,7 +182,7 @@ def test_spinning_is_as_set_or_on_for_a_model_whose_batch_of_one_is_long(
         model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", spinning=setting))
         assert (model.spinning, allow_spinning(model)) == (setting == "on", "10"[setting == "off"])
         model.close()
-    assert not runtime_module.spins("auto", "CUDAExecutionProvider", lambda: 1.0 / 0)
+    assert not runtime_module.spins_when_auto("CUDAExecutionProvider", lambda: 1.0 / 0)
 
     limit = runtime_module.SPIN_MIN_RUN_S
     for timings, expected in (
