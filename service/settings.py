@@ -311,7 +311,7 @@ class Settings:
 
     @property
     def max_queue_delay_s(self) -> float:
-        """max_queue_delay_us in seconds, the unit the event loop's clock uses."""
+        """max_queue_delay_us in seconds, the unit the batcher's clock uses."""
         return self.max_queue_delay_us / 1e6
 
     @property

@@ -33,7 +33,9 @@ polls the queue; a timer stands in for the delay below):
   checked when its batch is formed and again the moment the batch is handed to the runtime;
 - `clock` (default: `time.perf_counter`, the server's clock) stamps arrivals, times runs and
   decides deadlines; tests inject one. Not the event loop's: uvloop's `loop.time()` is in whole
-  milliseconds, read once a loop turn, so a run on the loop would take no time by it;
+  milliseconds, so a short run on the loop would take no time by it. Its timers are in whole
+  milliseconds too (a delay under 0.5 ms comes back at once), so the wait for a fuller batch is
+  rounded up to the next millisecond;
 - a request that does not fit in the queue is refused at once (`Overloaded`).
 """
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -237,7 +240,9 @@ class Batcher:
                     waited = self._clock() - self._queue[0].enqueued_at
                     if waited < self.max_queue_delay_s:
                         if self._timer is None:
-                            delay_s = self.max_queue_delay_s - waited
+                            delay_s = (
+                                math.ceil(round(1000 * (self.max_queue_delay_s - waited), 6)) / 1000
+                            )
                             self._timer = loop.call_later(delay_s, self._on_timer, loop)
                         return
                 self._start_batch(loop)

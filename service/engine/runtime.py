@@ -164,14 +164,24 @@ class OnnxModel:
             name, version, ", ".join(model.active_providers), options.providers,
             ", ".join(providers),
         )  # fmt: skip
-        if options.spinning == "auto" and spins_when_auto(model.provider, model._batch_of_one_s):
-            model._session = _new_session(path, options, providers, spinning=True)
-            model.spinning = True
-            logger.info(
-                "model %s version %s: a batch of one takes at least %.1f ms: ONNX Runtime's "
-                "threads spin between pieces of work (intra_op_spinning auto)",
-                name, version, 1000 * SPIN_MIN_RUN_S,
-            )  # fmt: skip
+        if options.spinning == "auto":
+            try:
+                if spins_when_auto(model.provider, model._batch_of_one_s):
+                    # the providers the first session got: a CUDA that failed is not retried
+                    model._session = _new_session(
+                        path, options, list(model.active_providers), spinning=True
+                    )
+                    model.spinning = True
+                    logger.info(
+                        "model %s version %s: a batch of one takes at least %.1f ms: ONNX "
+                        "Runtime's threads spin between pieces of work (intra_op_spinning auto)",
+                        name, version, 1000 * SPIN_MIN_RUN_S,
+                    )  # fmt: skip
+            except Exception as error:  # its worker threads must not outlive a failed load
+                model.close()
+                if isinstance(error, ModelLoadError):
+                    raise
+                raise ModelLoadError(f"ONNX Runtime cannot run {path}: {error}") from error
         if model.fallback:
             logger.warning(
                 "!!! model %s version %s asked for CUDA (providers=%s) but runs on the CPU: "

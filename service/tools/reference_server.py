@@ -160,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         intra_op_threads=args.intra_op_threads,
         spinning=args.intra_op_spinning,
     )
+    loop_factory = event_loop_factory(args.event_loop)  # a missing uvloop stops it first
     model = load_model(args.model_repository, args.model, options)
     model.warm_up([1, 8])
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(serve(model, args.port, args.port_file))
     finally:
         model.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.engine.batcher import PROBE_EVERY, QUIET_RUNS, Batcher
+from service.engine.batcher import PROBE_EVERY, QUIET_RUNS, Batcher, RequestTiming
 from service.errors import (
     DeadlineExceeded,
     InternalError,
@@ -18,6 +19,7 @@ from service.errors import (
     ModelNotReady,
     Overloaded,
 )
+from tests.service.gates import FrozenClockLoop
 
 
 class FakeRuntime:
@@ -280,6 +282,39 @@ async def test_full_queue_refuses_at_once() -> None:
     with pytest.raises(InvalidInput, match="at most 4 per request"):
         await batcher.infer(items(3, 5))
     await batcher.close()
+
+
+def test_deadlines_and_runs_are_on_the_batchers_clock_not_the_loops() -> None:
+    """By default the batcher reads `time.perf_counter` (the clock `Call.deadline` uses), not
+    `loop.time()`: on a loop whose clock stands still, a deadline that has passed is still
+    honoured and a run on the loop still takes time."""
+
+    async def scenario() -> tuple[float, float]:
+        runtime = FakeRuntime()
+        batcher = make(runtime, run_inline=slow_double, inline_max_s=BOUND_S)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.infer(items(1), deadline=time.perf_counter() - 1e-3)
+        assert runtime.batches == []  # not computed
+        await quiet_runs(batcher, runtime)  # the load is low: the next run is on the loop
+        timing = RequestTiming()
+        deadline = time.perf_counter() + BOUND_S
+        np.testing.assert_array_equal(await batcher.infer(items(3), deadline, timing), items(6))
+        return timing.compute_s, batcher.stats.on_loop
+
+    with asyncio.Runner(loop_factory=FrozenClockLoop) as runner:
+        compute_s, on_loop = runner.run(scenario())
+    assert on_loop == 1 and compute_s >= SLOW_RUN_S
+
+
+SLOW_RUN_S = 0.002
+
+
+def slow_double(values: np.ndarray) -> np.ndarray:
+    """A run that takes at least SLOW_RUN_S of the real clock (a lower bound, not a timing)."""
+    until = time.perf_counter() + SLOW_RUN_S
+    while time.perf_counter() < until:
+        pass
+    return values * 2
 
 
 async def test_expired_and_cancelled_requests_are_not_computed() -> None:

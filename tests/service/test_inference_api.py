@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from service.engine.batcher import PROBE_EVERY, QUIET_RUNS
 from service.wire import converters
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import RunningServer, StartServer, random_images
-from tests.service.gates import BatchGate, wait_until
+from tests.service.gates import BatchGate, FrozenClockLoop, wait_until
 
 
 def infer_request(
@@ -263,6 +264,29 @@ def test_a_call_already_expired_on_arrival_is_refused_before_any_work(
         "convserve_requests_total", model="", version="", rpc="ModelInfer",
         code="DEADLINE_EXCEEDED",
     ) == 1  # fmt: skip
+
+
+def test_a_calls_deadlines_are_on_the_batchers_clock() -> None:
+    """`Call.deadline` gives the gRPC deadline and Triton's `timeout` on `time.perf_counter`
+    (the batcher's clock, whatever loop runs), the earlier of the two when both are set."""
+    from service.wire.status import Call
+
+    class Remaining:
+        def time_remaining(self) -> float:
+            return 5.0
+
+    async def deadlines() -> tuple[float, float | None, float | None, float | None]:
+        before = time.perf_counter()
+        call = Call("ModelInfer", Remaining())  # type: ignore[arg-type]
+        grpc_deadline = call.deadline()
+        return before, grpc_deadline, call.deadline(2.0), call.deadline(9.0)
+
+    with asyncio.Runner(loop_factory=FrozenClockLoop) as runner:
+        before, grpc_deadline, sooner, later = runner.run(deadlines())
+    after = time.perf_counter()
+    assert grpc_deadline is not None and before + 5.0 <= grpc_deadline <= after + 5.0
+    assert sooner is not None and before + 2.0 <= sooner <= after + 2.0  # timeout first
+    assert later == grpc_deadline  # the gRPC deadline first
 
 
 def test_internal_errors_hide_details_and_log_them(

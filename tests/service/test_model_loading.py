@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from service._proto import grpc_service_pb2 as pb2
 from service.engine import runtime as runtime_module
 from service.engine.manager import LoadedModel, ModelManager
 from service.engine.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
-from service.errors import ConfigurationError, ModelNotFound
+from service.errors import ConfigurationError, ModelLoadError, ModelNotFound
 from service.repository.disk import ModelRepository, VersionDir
 from service.repository.policy import Batching
 from tests.model_factory import TinySpec, reference_logits, write_version
@@ -202,6 +203,23 @@ def test_spinning_is_as_set_or_on_for_a_model_whose_batch_of_one_is_long(
             )
         finally:
             model.close()
+
+
+def test_a_model_that_fails_its_timed_run_is_a_load_error_and_leaves_no_thread(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` runs a batch of one at load: when that fails (a graph that loads but cannot run),
+    the load fails with ModelLoadError and the model's worker threads are stopped."""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+
+    def failing(function: Callable[..., object], *args: object) -> float:
+        raise RuntimeError("Got: 1 Expected: 4")
+
+    monkeypatch.setattr(runtime_module, "_timed", failing)
+    before = set(threading.enumerate())
+    with pytest.raises(ModelLoadError, match=r"cannot run .*Got: 1 Expected: 4"):
+        OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu"))
+    assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []
 
 
 def test_runs_on_the_loop_get_a_single_threaded_session_when_it_is_short_and_no_slower(
