@@ -444,6 +444,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(
         prog="python -m service",
         description="convserve inference server (KServe V2 gRPC + Classify, dynamic batching).",
+        allow_abbrev=False,  # `--port 8001` is an error, not a port file named 8001
     )
     for item in fields():
         help_text = f"{item.metadata['help']} [env {env_name(item.name)}]"

@@ -65,6 +65,7 @@ def test_port_file_and_queue_delay_units() -> None:
     ("argv", "environ", "message"),
     [
         (["--providers", "tpu"], {}, None),
+        (["--port", "8001"], {}, None),  # no abbreviations: --port is not --port-file
         ([], {"CONVSERVE_PROVIDERS": "tpu"}, "unknown providers 'tpu'; choose one of: auto, cuda"),
         ([], {"CONVSERVE_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
         ([], {"CONVSERVE_GRPC_PORT": "70000"}, "grpc_port must be in 0..65535"),
