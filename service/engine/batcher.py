@@ -128,6 +128,11 @@ class _Pending:
     timing: RequestTiming | None = None
 
 
+def _whole_ms(seconds: float) -> float:
+    """`seconds` rounded up to whole milliseconds, the unit of uvloop's timers."""
+    return math.ceil(round(1000 * seconds, 6)) / 1000
+
+
 class Batcher:
     """Batches requests for one model; start() in a running loop, close() when draining."""
 
@@ -210,7 +215,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = self._clock()
         if self._started and n <= self.max_batch_size and self._runs_inline(n):
-            return self._compute_now(items, now, deadline, timing, loop)  # no hop, no queue
+            return self._compute_now(items, now, deadline, timing)  # no hop, no queue
         if self._computing:  # an arrival while a batch computes: the load is not low
             self._quiet_runs = 0
         futures = []
@@ -240,9 +245,7 @@ class Batcher:
                     waited = self._clock() - self._queue[0].enqueued_at
                     if waited < self.max_queue_delay_s:
                         if self._timer is None:
-                            delay_s = (
-                                math.ceil(round(1000 * (self.max_queue_delay_s - waited), 6)) / 1000
-                            )
+                            delay_s = _whole_ms(self.max_queue_delay_s - waited)
                             self._timer = loop.call_later(delay_s, self._on_timer, loop)
                         return
                 self._start_batch(loop)
@@ -263,7 +266,7 @@ class Batcher:
         self._timer = None
         self._dispatch(loop)
 
-    def _take(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
+    def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
         size = 0
         now = self._clock()
@@ -295,7 +298,7 @@ class Batcher:
 
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hands the next batch to the runner; `_batch_returned` takes it from there."""
-        batch = self._take(loop)
+        batch = self._take()
         if not batch:
             return
         started = self._clock()
@@ -373,7 +376,6 @@ class Batcher:
         now: float,
         deadline: float | None,
         timing: RequestTiming | None,
-        loop: asyncio.AbstractEventLoop,
     ) -> np.ndarray:
         """One request as a batch of its own, on the event loop, in the caller's turn."""
         assert self._run_inline is not None

@@ -347,8 +347,8 @@ async def test_a_deadline_passing_between_batching_and_compute_is_honoured() -> 
     batcher = make(runtime, clock=clock)
     original = batcher._take
 
-    def take_then_expire(loop: asyncio.AbstractEventLoop) -> list:  # type: ignore[type-arg]
-        batch = original(loop)
+    def take_then_expire() -> list:  # type: ignore[type-arg]
+        batch = original()
         clock.now += 1.0  # time passes before the batch task runs
         return batch
 
