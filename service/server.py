@@ -55,6 +55,7 @@ from service.wire.servicers import (
     InferenceServicer,
     UnknownInferenceMethods,
 )
+from service.wire.takers import CallTakers
 from service.wire.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ INFERENCE_SERVICE = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 CLASSIFICATION_SERVICE = cls_pb2.DESCRIPTOR.services_by_name["ImageClassification"]
 SERVICE_NAMES = (INFERENCE_SERVICE.full_name, CLASSIFICATION_SERVICE.full_name)
 REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+# The methods that carry the load: registered with gRPC core, each with `call_takers` more
+# requests for its next call outstanding (service/wire/takers.py).
+TAKEN_METHODS = {INFERENCE_SERVICE: ("ModelInfer",), CLASSIFICATION_SERVICE: ("Classify",)}
 # gRPC core queues the calls that arrived before the event loop takes them up. Past its default
 # limits (1,000, then a random early drop up to 3,000) it cancels them itself: CANCELLED, seen
 # by no handler and no metric. The server refuses overload itself (RESOURCE_EXHAUSTED, with a
@@ -117,6 +121,7 @@ class InferenceServer:
         )
         self._decode_executor: ThreadPoolExecutor | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._takers: CallTakers | None = None
         self._health_grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self._poller: asyncio.Task[None] | None = None
@@ -147,8 +152,9 @@ class InferenceServer:
             max_top_k=s.max_top_k,
             image_formats=s.image_formats,
         )
+        interceptors = self._interceptors()
         server = grpc.aio.server(
-            interceptors=self._interceptors(),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
@@ -165,12 +171,20 @@ class InferenceServer:
             max_top_k=s.max_top_k,
             version=package_version(),
         )
-        add_servicer(server, inference, INFERENCE_SERVICE, self.metrics)
+        taken = add_servicer(
+            server, inference, INFERENCE_SERVICE, self.metrics, TAKEN_METHODS[INFERENCE_SERVICE]
+        )
         explainer = Explainer(classifier, s.max_explain_positions)
         classification = ClassificationServicer(
             self.models, self.metrics, classifier, self.admission, explainer
         )
-        add_servicer(server, classification, CLASSIFICATION_SERVICE, self.metrics)
+        taken |= add_servicer(
+            server,
+            classification,
+            CLASSIFICATION_SERVICE,
+            self.metrics,
+            TAKEN_METHODS[CLASSIFICATION_SERVICE],
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
             reflection.enable_server_reflection(
@@ -191,6 +205,8 @@ class InferenceServer:
         await self._publish_readiness()
         await server.start()
         self._grpc = server
+        self._takers = CallTakers(server, taken, interceptors, s.call_takers)
+        self._takers.start()
         if health_server is not None:
             await health_server.start()
             self._health_grpc = health_server
@@ -377,6 +393,8 @@ class InferenceServer:
             if server is not None:
                 # Only refusals and health calls can still be running: they end at once.
                 await server.stop(max(0.0, ends_at - loop.time()))
+        if self._takers is not None:
+            await self._takers.stop()
         if self.models is not None:
             await self.models.close()
         if self._decode_executor is not None:

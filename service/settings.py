@@ -257,6 +257,14 @@ class Settings:
     decode_threads: int = field(
         default=2, metadata=_doc("threads decoding and resizing images for Classify")
     )
+    call_takers: int = field(
+        default=64,
+        metadata=_doc(
+            "requests for the next call the server keeps outstanding in gRPC core for ModelInfer "
+            "and Classify each, beside grpc.aio's own one (calls are taken up in bursts; "
+            "docs/reliability.md); 0 = grpc.aio's one only"
+        ),
+    )
     event_loop: str = field(
         default="uvloop",
         metadata=_doc(
@@ -286,6 +294,7 @@ class Settings:
             "inter_op_threads",
             "max_queue_delay_us",
             "inline_run_max_us",
+            "call_takers",
         )
         for name in non_negative:
             if getattr(self, name) < 0:

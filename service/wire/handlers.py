@@ -10,7 +10,7 @@ bad request. Streaming methods keep the plain deserializer (none of them is impl
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +68,14 @@ def add_servicer(
     servicer: Any,
     service: descriptor.ServiceDescriptor,
     metrics: Metrics | None = None,
-) -> None:
+    registered: Collection[str] = (),
+) -> dict[str, grpc.RpcMethodHandler]:
     """Registers every method of `service` that `servicer` has; `metrics` counts the bad
-    requests of the inference methods (ModelInfer, Classify) like any other answer."""
+    requests of the inference methods (ModelInfer, Classify) like any other answer.
+
+    The methods named in `registered` are registered with gRPC core too (each then has its own
+    list of pending calls and its own request for the next one); returns their handlers by
+    full method name ("/package.Service/Method"), for `CallTakers`."""
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -93,3 +98,6 @@ def add_servicer(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+    chosen = {name: handlers[name] for name in registered}
+    server.add_registered_method_handlers(service.full_name, chosen)
+    return {f"/{service.full_name}/{name}": handler for name, handler in chosen.items()}
