@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from service.engine.runtime import RuntimeOptions
+from service.settings import Settings
 from service.tools.bench import (
     figure,
     in_process,
@@ -165,8 +166,12 @@ def print_machine(options: RuntimeOptions, args: argparse.Namespace) -> None:
         f"numpy {np.__version__}; ONNX Runtime: providers {options.providers}, "
         f"intra-op threads {options.intra_op_threads or 'one a core'}"
     )
+    defaults = Settings()
+    server_defaults = (
+        f"its defaults (event loop {defaults.event_loop}, {defaults.call_takers} call takers)"
+    )
     print(
-        f"server flags: {' '.join(args.server_arg) or 'its defaults (event loop uvloop)'}; "
+        f"server flags: {' '.join(args.server_arg) or server_defaults}; "
         f"reference flags: {' '.join(args.reference_arg) or 'its defaults (event loop asyncio)'}"
     )
 

@@ -63,9 +63,10 @@ def test_table_prints_every_case_with_its_ratio_and_goal(
     expected = [(kind, c, b) for kind in ("convserve", "reference") for c, b in loads]
     assert runs == expected * 2  # the large model's runs, then the small one's
     assert any(line.startswith("machine: ") and "onnxruntime" in line for line in lines)
-    assert "server flags: its defaults (event loop uvloop); reference flags: its defaults " in (
-        "\n".join(lines)
-    )
+    assert (
+        "server flags: its defaults (event loop uvloop, 64 call takers); "
+        "reference flags: its defaults "
+    ) in "\n".join(lines)
 
     figures = json.loads(report.read_text())
     assert len(figures["cases"]) == len(bench_table.CASES)
