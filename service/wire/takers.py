@@ -34,6 +34,16 @@ import grpc
 logger = logging.getLogger(__name__)
 
 
+# The parameters the takers pass, by position, as grpc.aio's own main loop does (grpcio 1.85).
+SIGNATURES = {
+    "_handle_rpc": (
+        "method_name", "method_resolver", "interceptors", "rpc_state", "loop",
+        "concurrency_exceeded",
+    ),
+    "_schedule_rpc_coro": ("rpc_coro", "rpc_state", "loop", "method_name"),
+}  # fmt: skip
+
+
 def _internals() -> tuple[Any, str | None]:
     """grpc.aio's Cython module and, when it lacks what the takers use, why."""
     try:
@@ -41,11 +51,15 @@ def _internals() -> tuple[Any, str | None]:
     except ImportError as error:  # pragma: no cover: grpcio always ships it
         return None, f"grpc._cython.cygrpc cannot be imported ({error})"
     needed = ("_handle_rpc", "_schedule_rpc_coro", "_MethodResolver", "_RequestCallError")
-    missing = [name for name in needed if not hasattr(cygrpc, name)]
+    problems = [f"lacks {name}" for name in needed if not hasattr(cygrpc, name)]
     if not hasattr(getattr(cygrpc, "AioServer", None), "_request_registered_call"):
-        missing.append("AioServer._request_registered_call")
-    if missing:
-        return None, f"this grpcio ({grpc.__version__}) lacks {', '.join(missing)}"
+        problems.append("lacks AioServer._request_registered_call")
+    for name, parameters in SIGNATURES.items():
+        code = getattr(getattr(cygrpc, name, None), "__code__", None)
+        if code is not None and code.co_varnames[: len(parameters)] != parameters:
+            problems.append(f"has {name}({', '.join(code.co_varnames[: code.co_argcount])})")
+    if problems:
+        return None, f"this grpcio ({grpc.__version__}) {'; '.join(problems)}"
     return cygrpc, None
 
 
@@ -53,10 +67,12 @@ class CallTakers:
     """`count` outstanding requests for the next call of each method in `handlers`.
 
     The methods must be registered methods of `server` (`add_registered_method_handlers`,
-    before it starts); `interceptors` are the ones the server was built with. `start()` after
-    `server.start()`; `stop()` after `server.stop()`: core fails every outstanding request when
-    the server shuts down, and each taker ends there. A call a taker has taken is always handed
-    on, even while the server stops: it is answered like any other.
+    before it starts); `interceptors` are the ones the server was built with (grpc.aio's
+    `maximum_concurrent_rpcs` limiter is not consulted: the server does not set it). `start()`
+    after `server.start()`; `stop()` after `server.stop()`: core fails every outstanding request
+    when the server shuts down, and each taker ends there (cancelling one while core still
+    holds its request would free what core writes the next call into). A call a taker has
+    taken is always handed on, even while the server stops: it is answered like any other.
     """
 
     def __init__(
@@ -73,6 +89,7 @@ class CallTakers:
         self._tasks: list[asyncio.Task[None]] = []
         self._calls: set[asyncio.Task[None]] = set()
         self.taken = 0  # calls these takers took up (grpc.aio's own taker counts none)
+        self.failed_requests = 0  # requests core failed while the server ran (then asked again)
 
     def start(self) -> None:
         if self._count == 0 or not self._handlers:
@@ -107,7 +124,12 @@ class CallTakers:
             try:
                 rpc_state = await core_server._request_registered_call(method_bytes)
             except cygrpc._RequestCallError:
-                return  # the server is shutting down: core failed the request
+                # At shutdown core fails every outstanding request (the loop then ends); while
+                # the server runs it fails one whose call ended before it was handed over.
+                if core_server.is_running():
+                    self.failed_requests += 1
+                    logger.debug("gRPC core failed a request for %s; asking again", method)
+                continue
             self.taken += 1
             handling = cygrpc._handle_rpc(
                 method, resolver, self._interceptors, rpc_state, loop, False
@@ -118,16 +140,24 @@ class CallTakers:
             self._calls.add(call)  # the loop keeps only a weak reference to a task
             call.add_done_callback(self._calls.discard)
 
-    async def stop(self) -> None:
-        """Ends the takers (after the server stopped: their requests have failed by then, or
-        are cancelled here) and waits for the calls they handed on."""
+    async def stop(self, timeout_s: float) -> None:
+        """Ends the takers and waits up to `timeout_s` for the calls they handed on. Call it
+        after the server stopped: core has failed their requests by then."""
+        if self._server._server.is_running():
+            raise RuntimeError("CallTakers.stop() before the gRPC server stopped")
         for task in self._tasks:
             if not task.done():
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._calls:
-            await asyncio.gather(*self._calls, return_exceptions=True)
+        if not self._calls:
+            return
+        _, running = await asyncio.wait(self._calls, timeout=timeout_s)
+        if running:
+            logger.warning(
+                "%d calls taken by the call takers still running %.1f s after gRPC stopped",
+                len(running), timeout_s,
+            )  # fmt: skip
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:

@@ -19,6 +19,7 @@ from service._proto import classification_pb2 as cls_pb2
 from service.wire import takers
 from tests.model_factory import TinySpec, reference_logits
 from tests.service.conftest import StartServer, encode_image, random_images
+from tests.service.gates import BatchGate, wait_until
 from tests.service.test_auth import TOKEN, bearer
 from tests.service.test_inference_api import infer_request, logits_of
 
@@ -49,9 +50,10 @@ def test_calls_the_takers_take_are_answered_like_any_other(
     classify = running.classification_stub().Classify
     for _ in range(4):
         assert len(classify(cls_pb2.ClassifyRequest(images=[image]), timeout=10).results) == 1
-    # gRPC core hands arriving calls to outstanding requests in the order they were made:
-    # grpc.aio's own first, then the takers', and each is remade behind the others when used
-    assert running.server._takers is not None and running.server._takers.taken >= 6
+    # gRPC core hands arriving calls to outstanding requests first in, first out, and each is
+    # made again behind the others once used: 4 requests a method, so of 8 ModelInfer calls
+    # the takers took 6 and of 4 Classify calls 3. Takers that did not ask again would take 6.
+    assert running.server._takers is not None and running.server._takers.taken >= 7
     assert (
         running.metric(
             "convserve_requests_total", model="tiny", version="1", rpc="ModelInfer", code="OK"
@@ -109,15 +111,74 @@ def test_a_grpcio_without_the_internals_is_named_and_served_the_plain_way(
     assert running.server._takers is not None and running.server._takers.taken == 0
 
 
-def test_the_grpcio_installed_has_the_internals_the_takers_use() -> None:
-    """constraints.txt pins grpcio; an upgrade that drops one of them fails here, by name."""
+def test_the_grpcio_installed_has_the_internals_the_takers_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """constraints.txt pins grpcio; an upgrade that drops one of them, or changes what they
+    take, fails here by name (and the server warns and serves the plain way)."""
     assert takers._internals()[1] is None
+    changed = {**takers.SIGNATURES, "_schedule_rpc_coro": ("rpc_coro", "loop")}
+    monkeypatch.setattr(takers, "SIGNATURES", changed)
+    module, problem = takers._internals()
+    assert module is None
+    assert problem == (
+        f"this grpcio ({grpc.__version__}) has "
+        "_schedule_rpc_coro(rpc_coro, rpc_state, loop, method_name)"
+    )
 
 
-def test_the_takers_end_with_the_server(start_server: StartServer, tiny_repository: Path) -> None:
-    running = start_server(tiny_repository, call_takers=2)
+def test_a_request_core_fails_while_the_server_runs_is_made_again() -> None:
+    """Core fails an outstanding request while serving when the call it matched ended before
+    it was handed over (its promise-based transport does): the taker asks again; it ends only
+    when the server stops."""
+    cygrpc, _ = takers._internals()
+
+    class Core:
+        def __init__(self) -> None:
+            self.requests = 0
+
+        def is_running(self) -> bool:
+            return self.requests < 3
+
+        async def _request_registered_call(self, method: bytes) -> None:
+            self.requests += 1
+            raise cygrpc._RequestCallError()
+
+    core = Core()
+    call_takers = takers.CallTakers(None, {}, (), 1)  # type: ignore[arg-type]
+    asyncio.run(call_takers._take(cygrpc, core, None, "/inference.GRPCInferenceService/ModelInfer"))
+    assert core.requests == 3  # failed twice while running, once at the stop
+    assert (call_takers.failed_requests, call_takers.taken) == (2, 0)
+
+
+def test_a_call_a_taker_took_is_answered_through_the_drain_and_the_takers_end(
+    start_server: StartServer, tiny_repository: Path, tiny_spec: TinySpec
+) -> None:
+    gate = BatchGate()
+    running = start_server(tiny_repository, call_takers=1, max_batch_size=1, wrap_run=gate.wrap)
+    server = running.server
     stub = running.inference_stub()
-    assert stub.ModelInfer(infer_request(random_images(1, seed=3)), timeout=10).outputs
-    loop = running.loop
-    running.run(running.server.stop(1.0))
-    assert _pending_takers(loop) == []
+    inputs = [random_images(1, seed=seed) for seed in (5, 6)]
+    calls = [stub.ModelInfer.future(infer_request(images), timeout=60) for images in inputs]
+    wait_until(lambda: server.admission.in_flight == 2, "both calls taken")
+    assert server._takers is not None and server._takers.taken == 1  # grpc.aio's took the other
+    stopping = asyncio.run_coroutine_threadsafe(server.stop(60.0), running.loop)
+    wait_until(lambda: server.admission.draining, "the drain to begin")
+    gate.open()
+    for images, call in zip(inputs, calls, strict=True):
+        np.testing.assert_allclose(
+            logits_of(call.result(timeout=60)), reference_logits(tiny_spec, images), atol=1e-5
+        )
+    stopping.result(timeout=60)
+    assert _pending_takers(running.loop) == []
+    assert server._takers._tasks == [] and not server._takers._calls
+
+
+def test_the_takers_are_stopped_after_the_server_only(
+    start_server: StartServer, tiny_repository: Path
+) -> None:
+    running = start_server(tiny_repository, call_takers=1)
+    assert running.server._takers is not None
+    with pytest.raises(RuntimeError, match="before the gRPC server stopped"):
+        running.run(running.server._takers.stop(1.0))
+    assert len(_pending_takers(running.loop)) == 2  # nothing was cancelled
