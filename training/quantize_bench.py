@@ -8,7 +8,8 @@ from ``convserve.quantization``. The machine is shared, so the two are measured 
 the same process: for each round and batch size, FP32 then INT8 (INT8 first in odd rounds), each
 for ``--seconds``. A batch size's figure is the median of its rounds; the ratio compares the two
 models' best batch sizes. Sessions are made as the service makes them by default (all cores for
-intra-op threads, no thread spinning, all graph optimisations, CPU provider).
+intra-op threads, all graph optimisations, CPU provider, and threads that spin between pieces of
+work for a model whose batch of one takes at least 0.5 ms: `--spinning` to set it for both).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from contract.layout import MODEL_FILE
+from contract.runtime import SPIN_MIN_RUN_S
 from training.errors import RepositoryError, TrainingError
 from training.onnx_eval import read_metadata
 from training.quantize_run import QUANTIZATION_KEY, int8_cpu_features
@@ -59,6 +61,7 @@ class PairResult:
     fp32: list[float]
     int8: list[float]
     paired_ratio: list[float]
+    spinning: dict[str, bool] = field(default_factory=dict)  # "fp32"/"int8": threads spin
 
     def best(self, figures: list[float]) -> tuple[int, float]:
         index = int(np.argmax(figures))
@@ -91,15 +94,44 @@ def find_pair(path: Path) -> Pair:
     return Pair(int8, fp32, title)
 
 
-def bench_session(path: Path, intra_op_threads: int) -> ort.InferenceSession:
-    """A session with the service's default settings (training does not import service)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def bench_session(path: Path, intra_op_threads: int, spinning: str) -> ort.InferenceSession:
+    """A session with the service's default settings (training does not import service):
+    threads that spin between pieces of work when `spinning` is on, or auto and a batch of one
+    takes at least SPIN_MIN_RUN_S (contract/runtime.py), as the service decides."""
+
+    def session(spin: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    if spinning != "auto":
+        return session(spinning == "on")
+    quiet = session(False)
+    return session(True) if batch_of_one_s(quiet) >= SPIN_MIN_RUN_S else quiet
+
+
+def spins(session: ort.InferenceSession) -> bool:
+    return (
+        session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        == "1"
+    )
+
+
+def batch_of_one_s(session: ort.InferenceSession) -> float:
+    """The fastest of three runs of a batch of one, after one that sets the session up."""
+    model_input = session.get_inputs()[0]
+    feeds = {model_input.name: np.zeros((1, *model_input.shape[1:]), dtype=np.uint8)}
+    session.run(None, feeds)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def images_per_second(session: ort.InferenceSession, images: np.ndarray, seconds: float) -> float:
@@ -118,11 +150,12 @@ def measure_pair(
     rounds: int,
     seconds: float,
     intra_op_threads: int = 0,
+    spinning: str = "auto",
 ) -> PairResult:
     """Both models at every batch size, interleaved round by round."""
     sessions = {
-        "fp32": bench_session(pair.fp32, intra_op_threads),
-        "int8": bench_session(pair.int8, intra_op_threads),
+        "fp32": bench_session(pair.fp32, intra_op_threads, spinning),
+        "int8": bench_session(pair.int8, intra_op_threads, spinning),
     }
     shape = sessions["fp32"].get_inputs()[0].shape[1:]
     rng = np.random.default_rng(0)
@@ -144,7 +177,14 @@ def measure_pair(
         )
         for n in batch_sizes
     ]
-    return PairResult(pair.title, list(batch_sizes), medians["fp32"], medians["int8"], paired)
+    return PairResult(
+        pair.title,
+        list(batch_sizes),
+        medians["fp32"],
+        medians["int8"],
+        paired,
+        spinning={k: spins(v) for k, v in sessions.items()},
+    )
 
 
 def machine_lines() -> list[str]:
@@ -167,7 +207,14 @@ def machine_lines() -> list[str]:
 
 def print_result(result: PairResult, rounds: int, seconds: float) -> None:
     print(f"\n## {result.title}")
-    print(f"\nmedian of {rounds} interleaved rounds of {seconds} s per batch size\n")
+    spinning = ", ".join(
+        f"{kind.upper()} {'spinning' if spin else 'not spinning'}"
+        for kind, spin in result.spinning.items()
+    )
+    print(
+        f"\nmedian of {rounds} interleaved rounds of {seconds} s per batch size; ONNX Runtime's "
+        f"threads: {spinning}\n"
+    )
     print("| batch | FP32 img/s | INT8 img/s | INT8/FP32 (paired) |")
     print("|---:|---:|---:|---:|")
     rows = zip(result.batch_sizes, result.fp32, result.int8, result.paired_ratio, strict=True)
@@ -200,6 +247,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--intra-op-threads", type=int, default=0, help="0: all cores, as the service"
     )
+    parser.add_argument(
+        "--spinning",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="ONNX Runtime's threads spin between pieces of work: on, off, or auto (as the "
+        "service: on when a batch of one takes at least 0.5 ms); default: %(default)s",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser
 
@@ -218,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for pair in pairs:
         result = measure_pair(
-            pair, args.batch_sizes, args.rounds, args.seconds, args.intra_op_threads
+            pair, args.batch_sizes, args.rounds, args.seconds, args.intra_op_threads, args.spinning
         )
         print_result(result, args.rounds, args.seconds)
         results.append(result)

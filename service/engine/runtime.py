@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract.runtime import SPIN_MIN_RUN_S
 from service.errors import ModelLoadError
 from service.repository.disk import ModelSpec, read_metadata, spec_from_metadata
 
@@ -52,16 +53,6 @@ OPTIMIZATION_LEVELS = {
 LOOP_SESSION_MAX_SLOWDOWN = 1.5
 
 
-# `spinning` auto: ONNX Runtime's threads spin between pieces of work (its own default) for a
-# model on the CPU whose batch of one takes at least this long, and sleep for cheaper ones.
-# Measured on two cores (docs/benchmark.md, "Spinning"): resnet18 (a batch of one 0.9-1.1 ms)
-# gains at every load with it (C=1 +32 %, C=4 +9 %, C=16 x 8 images +7 %, C=64 +4 %); the
-# small CNN (0.12-0.17 ms) loses a quarter of its throughput at 4 and 64 clients, where a run
-# is short beside the gRPC work around it (0.3-0.5 ms a request) and spinning threads take its
-# cores.
-SPIN_MIN_RUN_S = 0.5e-3
-
-
 @dataclass(frozen=True)
 class RuntimeOptions:
     """The ONNX Runtime settings every model session is made with."""
@@ -71,7 +62,9 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
     executor_threads: int = 1
-    spinning: str = "auto"  # on, off, or auto: on when a batch of one takes SPIN_MIN_RUN_S
+    # on, off, or auto: on for a model on the CPU whose batch of one takes SPIN_MIN_RUN_S
+    # (contract/runtime.py: the rule and the figures that chose it)
+    spinning: str = "auto"
 
 
 def spins_when_auto(provider: str, batch_of_one_s: Callable[[], float]) -> bool:

@@ -12,16 +12,19 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
+from contract.runtime import SPIN_MIN_RUN_S
 from service._proto import classification_pb2 as cls_pb2
 from service.engine.runtime import OnnxModel, RuntimeOptions
 from tests.model_factory import TinySpec, write_version
 from tests.service.conftest import StartServer, start_server  # noqa: F401 (the fixture)
+from training import quantize_bench
 from training.cli import main
 from training.data import Dataset
 from training.errors import ConfigError, ExportError, RepositoryError
@@ -189,3 +192,31 @@ def test_the_benchmark_finds_the_source_and_measures_both(
     assert all(rate > 0 for rate in result.fp32 + result.int8 + result.paired_ratio)
     with pytest.raises(RepositoryError, match=r"no convserve\.quantization metadata"):
         find_pair(repository / SOURCE)
+
+
+@pytest.mark.parametrize(("spinning", "batch_of_one_s", "spins"), [
+    ("on", None, True),
+    ("off", None, False),
+    ("auto", SPIN_MIN_RUN_S, True),  # the service's rule (contract/runtime.py)
+    ("auto", 0.9 * SPIN_MIN_RUN_S, False),
+])  # fmt: skip
+def test_the_benchmark_spins_as_the_service_would(
+    quantized: QuantizedVersion,
+    repository: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spinning: str,
+    batch_of_one_s: float | None,
+    spins: bool,
+) -> None:
+    timed: list[Any] = []
+
+    def scripted(session: Any) -> float:
+        timed.append(session)
+        assert batch_of_one_s is not None, "on and off time nothing"
+        return batch_of_one_s
+
+    monkeypatch.setattr(quantize_bench, "batch_of_one_s", scripted)
+    pair = find_pair(repository / TARGET)
+    result = measure_pair(pair, (1,), rounds=1, seconds=0.01, intra_op_threads=1, spinning=spinning)
+    assert result.spinning == {"fp32": spins, "int8": spins}
+    assert len(timed) == (2 if spinning == "auto" else 0)
