@@ -18,7 +18,7 @@ import pytest
 from service._proto import classification_pb2 as cls_pb2
 from service.wire import takers
 from tests.model_factory import TinySpec, reference_logits
-from tests.service.conftest import StartServer, encode_image, random_images
+from tests.service.conftest import RunningServer, StartServer, encode_image, random_images
 from tests.service.gates import BatchGate, wait_until
 from tests.service.test_auth import TOKEN, bearer
 from tests.service.test_inference_api import infer_request, logits_of
@@ -29,6 +29,15 @@ def _pending_takers(loop: asyncio.AbstractEventLoop) -> list[str]:
         return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("take ")]
 
     return asyncio.run_coroutine_threadsafe(names(), loop).result(10)
+
+
+def served_by_grpc_aio_alone(running: RunningServer) -> None:
+    """No taker waits, and calls are answered all the same (by grpc.aio's own request)."""
+    assert _pending_takers(running.loop) == []
+    stub = running.inference_stub()
+    for seed in range(4):
+        assert stub.ModelInfer(infer_request(random_images(1, seed=seed)), timeout=10).outputs
+    assert running.server._takers is not None and running.server._takers.taken == 0
 
 
 def test_calls_the_takers_take_are_answered_like_any_other(
@@ -80,11 +89,7 @@ def test_interceptors_apply_to_the_calls_the_takers_take(
 
 def test_none_asked_for_none_taken(start_server: StartServer, tiny_repository: Path) -> None:
     running = start_server(tiny_repository, call_takers=0)
-    assert _pending_takers(running.loop) == []
-    stub = running.inference_stub()
-    for seed in range(4):
-        assert stub.ModelInfer(infer_request(random_images(1, seed=seed)), timeout=10).outputs
-    assert running.server._takers is not None and running.server._takers.taken == 0
+    served_by_grpc_aio_alone(running)
 
 
 def test_a_grpcio_without_the_internals_is_named_and_served_the_plain_way(
@@ -104,11 +109,7 @@ def test_a_grpcio_without_the_internals_is_named_and_served_the_plain_way(
         "request per method" in message
         for message in warnings
     ), warnings
-    assert _pending_takers(running.loop) == []
-    stub = running.inference_stub()
-    for seed in range(4):
-        assert stub.ModelInfer(infer_request(random_images(1, seed=seed)), timeout=10).outputs
-    assert running.server._takers is not None and running.server._takers.taken == 0
+    served_by_grpc_aio_alone(running)
 
 
 def test_the_grpcio_installed_has_the_internals_the_takers_use(
