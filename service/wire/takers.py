@@ -18,8 +18,9 @@ expired call before any work.
 
 grpc.aio has no public API for this: the takers use four of its internals
 (`AioServer._request_registered_call`, `_handle_rpc`, `_schedule_rpc_coro`, `_MethodResolver`),
-checked by name before use. Where a grpcio lacks them (constraints.txt pins the version
-tested), the server warns once and serves with grpc.aio's single request per method.
+checked at start by name and by the names of the parameters passed. Where a grpcio lacks them or
+takes others (constraints.txt pins the version tested), the server warns once and serves with
+grpc.aio's single request per method.
 """
 
 from __future__ import annotations
