@@ -114,8 +114,9 @@ class CallTakers:
                 task.add_done_callback(_report_failure)
                 self._tasks.append(task)
         logger.info(
-            "%d outstanding requests for the next call of %s",
-            self._count + 1, ", ".join(sorted(self._handlers)),
+            "call takers: %d requests outstanding for the next call of each of %s "
+            "(grpc.aio's own one and %d more)",
+            self._count + 1, ", ".join(sorted(self._handlers)), self._count,
         )  # fmt: skip
 
     async def _take(self, cygrpc: Any, core_server: Any, resolver: Any, method: str) -> None:
