@@ -173,3 +173,25 @@ def test_path_cost_prints_both_servers_at_each_load(
     assert [(m[1], int(m[2])) for m in rows] == [
         ("convserve", 1), ("reference", 1), ("convserve", 4), ("reference", 4)
     ]  # fmt: skip
+
+
+FLOOD_ROW = re.compile(
+    r"^\| (\d) \| (--call-takers=\d+) \| [\d,]+ \| [\d,]+ \| \d+% \| [\d.]+ ms "
+    r"\| \{.*'OK': \d+.*\} \|$"
+)
+
+
+def test_the_flood_tool_measures_each_variant_alone_and_beside_the_flood(
+    tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.tools import flood
+
+    argv = [
+        "--model-repository", str(tiny_repository), "--model", "tiny", "--rounds", "1",
+        "--seconds", "0.3", "--server-arg=--call-takers=0", "--server-arg=--call-takers=2",
+    ]  # fmt: skip
+    assert flood.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [m.groups() for line in lines if (m := FLOOD_ROW.match(line))]
+    assert rows == [("0", "--call-takers=0"), ("0", "--call-takers=2")]
+    assert sum("median share" in line for line in lines) == 2
