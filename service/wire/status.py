@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # what grpc.aio raises for a failed send
 
 from service.engine.admission import Admission
 from service.errors import (
@@ -42,6 +43,7 @@ MAX_MESSAGE_CHARS = 1000  # gRPC's default metadata limit is 8 KiB for all trail
 EXPIRED_ON_ARRIVAL = (
     "the call's deadline had passed when the server took it up; nothing was computed"
 )
+EXPIRED_BEFORE_ANSWER = "the call's deadline passed before its answer could be sent"
 
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -153,6 +155,9 @@ class Call:
         traceback: TracebackType | None,
     ) -> bool:
         if error is None:
+            if self._expired():  # computed, but its client has stopped waiting: send nothing
+                self._finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+                raise asyncio.CancelledError(EXPIRED_BEFORE_ANSWER)
             self._finish(grpc.StatusCode.OK)
             return False
         if isinstance(error, asyncio.CancelledError):
@@ -169,14 +174,30 @@ class Call:
         return False  # unreachable: abort() raises
 
     async def _answer_error(self, error: BaseException) -> None:
-        """Logs, counts and aborts the RPC with the error's status (raises AbortError)."""
+        """Logs, counts and aborts the RPC with the error's status (raises AbortError); a call
+        whose deadline has passed gets no status (see `_expired`)."""
         code, message = status_of(error)
         if code == grpc.StatusCode.INTERNAL and not isinstance(error, InternalError):
             logger.error("%s failed", self.rpc, exc_info=error)
         else:
             logger.debug("%s answered %s: %s", self.rpc, code.name, message)
+        if self._expired():
+            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise asyncio.CancelledError(EXPIRED_BEFORE_ANSWER)
         self._finish(code)
-        await self.context.abort(code, message)
+        try:
+            await self.context.abort(code, message)
+        except ExecuteBatchError:  # gRPC ended the call between the check and the send
+            logger.debug("%s: the call ended before its status could be sent", self.rpc)
+            raise asyncio.CancelledError(EXPIRED_BEFORE_ANSWER) from None
+
+    def _expired(self) -> bool:
+        """Whether the call's gRPC deadline has passed. gRPC then ends the call with
+        DEADLINE_EXCEEDED itself, and its client has stopped waiting: a status or response
+        sent on it fails, and grpc.aio logs that failure at ERROR with a traceback. The handler
+        ends as gRPC ends a cancelled one instead."""
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining <= 0
 
     def _finish(self, code: grpc.StatusCode | object) -> None:
         if self._admitted:

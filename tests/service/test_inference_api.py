@@ -266,6 +266,62 @@ def test_a_call_already_expired_on_arrival_is_refused_before_any_work(
     ) == 1  # fmt: skip
 
 
+def test_a_call_whose_deadline_passes_before_its_answer_gets_none_and_no_error_logged(
+    tiny_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The deadline passes while the call computes or waits: gRPC has ended it (its client got
+    DEADLINE_EXCEEDED), so neither a response nor an error status is sent on it (grpc.aio would
+    log the failed send at ERROR with a traceback, once per call: seen under a flood of
+    expired calls). Counted as DEADLINE_EXCEEDED; the handler ends as a cancelled one does.
+    And where gRPC ends the call between the check and the send, the failed send is the same."""
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    from service.errors import DeadlineExceeded, InvalidInput
+    from service.wire.status import EXPIRED_BEFORE_ANSWER, Call
+
+    class Context:
+        def __init__(self, remaining: list[float], send_fails: bool = False) -> None:
+            self.remaining, self.send_fails, self.sent = remaining, send_fails, 0
+
+        def time_remaining(self) -> float:
+            return self.remaining.pop(0)
+
+        async def abort(self, code: grpc.StatusCode, message: str) -> None:
+            if self.send_fails:
+                raise ExecuteBatchError("Failed execute_batch")
+            self.sent += 1
+            raise grpc.aio.AbortError(f"{code.name}: {message}")
+
+    async def call(context: Context, error: BaseException | None) -> str:
+        try:
+            async with Call("ModelInfer", context, tiny_server.server.metrics):  # type: ignore[arg-type]
+                if error is not None:
+                    raise error
+        except asyncio.CancelledError as ended:
+            return str(ended)
+        return "answered"
+
+    def deadline_exceeded() -> float:
+        return tiny_server.metric(
+            "convserve_requests_total", model="", version="", rpc="ModelInfer",
+            code="DEADLINE_EXCEEDED",
+        ) or 0  # fmt: skip
+
+    with caplog.at_level(logging.DEBUG, logger="service"):
+        computed, queued = Context([1.0, -0.001]), Context([1.0, -0.001])
+        assert tiny_server.run(call(computed, None)) == EXPIRED_BEFORE_ANSWER
+        assert tiny_server.run(call(queued, DeadlineExceeded("dropped"))) == EXPIRED_BEFORE_ANSWER
+        refused = Context([1.0, 0.5], send_fails=True)
+        assert tiny_server.run(call(refused, InvalidInput("bad"))) == EXPIRED_BEFORE_ANSWER
+    assert computed.sent == queued.sent == refused.sent == 0
+    assert deadline_exceeded() == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    alive = Context([1.0, 0.5])  # a call still in time is answered as before
+    with pytest.raises(grpc.aio.AbortError, match="INVALID_ARGUMENT: bad"):
+        tiny_server.run(call(alive, InvalidInput("bad")))
+    assert alive.sent == 1
+
+
 def test_a_calls_deadlines_are_on_the_batchers_clock() -> None:
     """`Call.deadline` gives the gRPC deadline and Triton's `timeout` on `time.perf_counter`
     (the batcher's clock, whatever loop runs), the earlier of the two when both are set."""
