@@ -21,8 +21,8 @@ import multiprocessing
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -104,6 +104,25 @@ def _flood(address: str, model: str, ready: Event, stop: Event) -> None:
     asyncio.run(run())
 
 
+@contextmanager
+def flooding(address: str, model: str) -> Iterator[None]:
+    """A second process floods `address` with expired calls of `model` until the block ends;
+    the block starts once the flood has."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    flood = context.Process(target=_flood, args=(address, model, ready, stop), daemon=True)
+    flood.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the flood did not start")
+        yield
+    finally:
+        stop.set()
+        flood.join(30)
+        if flood.is_alive():
+            flood.terminate()
+
+
 def measure(
     repository: Path, model: str, server_args: Sequence[str], seconds: float, aim: str
 ) -> tuple[Outcome, Outcome]:
@@ -115,19 +134,8 @@ def measure(
         if aim == "elsewhere":
             target = servers.enter_context(bench.spawned(command)).address
         alone = asyncio.run(_normal(server.address, model, seconds))
-        context = multiprocessing.get_context("spawn")
-        ready, stop = context.Event(), context.Event()
-        flood = context.Process(target=_flood, args=(target, model, ready, stop), daemon=True)
-        flood.start()
-        try:
-            if not ready.wait(60):
-                raise SystemExit("the flood did not start")
+        with flooding(target, model):
             beside = asyncio.run(_normal(server.address, model, seconds))
-        finally:
-            stop.set()
-            flood.join(30)
-            if flood.is_alive():
-                flood.terminate()
     return alone, beside
 
 

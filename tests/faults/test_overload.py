@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -15,6 +13,7 @@ import pytest
 
 from service._proto import classification_pb2_grpc as cls_grpc
 from service._proto import grpc_service_pb2_grpc as pb2_grpc
+from service.tools.flood import flooding
 from tests.faults.clients import (
     CHANNEL_OPTIONS,
     Outcomes,
@@ -25,7 +24,6 @@ from tests.faults.clients import (
 )
 from tests.faults.conftest import FaultServer
 from tests.model_factory import TinySpec, reference_logits
-from tests.service.conftest import REPO_ROOT
 from tests.service.gates import wait_until
 
 pytestmark = pytest.mark.faults
@@ -122,34 +120,6 @@ def test_a_burst_far_beyond_capacity_loses_nothing(fault_server: FaultServer) ->
     wait_for_gauge(server, "convserve_requests_in_flight", 0)
 
 
-FLOOD = """
-import asyncio, sys
-import grpc
-from service._proto import grpc_service_pb2_grpc as pb2_grpc
-from tests.faults.clients import images, infer_request
-
-async def main(address):
-    async with grpc.aio.insecure_channel(address) as channel:
-        infer = pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        message = infer_request(images(1, seed=5))
-
-        async def flooder():
-            while True:
-                try:
-                    await infer(message, timeout=0.001)
-                except grpc.aio.AioRpcError:
-                    pass
-
-        tasks = [asyncio.ensure_future(flooder()) for _ in range(64)]
-        print("flooding", flush=True)
-        await asyncio.to_thread(sys.stdin.read)  # until the test closes our stdin
-        for task in tasks:
-            task.cancel()
-
-asyncio.run(main(sys.argv[1]))
-"""
-
-
 def test_a_flood_of_expired_calls_is_dropped_before_any_work(fault_server: FaultServer) -> None:
     """16 clients make 50 calls each alone, then 10 each while another process floods the server
     with calls whose deadline is 1 ms (64 at a time, each retried at once). An expired call
@@ -169,15 +139,8 @@ def test_a_flood_of_expired_calls_is_dropped_before_any_work(fault_server: Fault
 
     alone, alone_s = asyncio.run(normal_clients(50))
     images_before = server.sample("convserve_images_total", model="tiny", version="1")
-    flood = subprocess.Popen(
-        [sys.executable, "-c", FLOOD, server.address],
-        cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert flood.stdout is not None and flood.stdout.readline().strip() == "flooding"
+    with flooding(server.address, "tiny"):  # the flood of `python -m service.tools.flood`
         beside, beside_s = asyncio.run(normal_clients(10))
-    finally:
-        flood.communicate(timeout=120)  # closes its stdin: it stops
     images_after = server.sample("convserve_images_total", model="tiny", version="1")
     expired = server.sample(
         "convserve_requests_total", code="DEADLINE_EXCEEDED", model="", rpc="ModelInfer", version=""
