@@ -212,7 +212,7 @@ class Settings:
         default=1000,
         metadata=_doc(
             "a batch whose measured run time is at most this, in µs, runs on the event loop "
-            "itself when nothing else computes or waits (no hand-off to the runtime's thread); "
+            "itself when no other batch computes (no hand-off to the runtime's thread); "
             "0 = never"
         ),
     )

@@ -19,13 +19,18 @@ polls the queue; a timer stands in for the delay below):
   returned results are handed out: the runtime computes it while the event loop answers. A
   partial batch waits until the answers are handed out (it can grow meanwhile): a cheap model
   whose requests trickle in would otherwise run one batch per request;
-- at low load, a request is computed at once, in the loop turn it arrived in, on the event
-  loop itself through `run_inline` (no queue, and no hand-off to the runtime's thread and back,
-  which costs a cheap model more than its run) when nothing else computes or waits, batches like
-  it take at most `inline_max_s` (the cost per item of recent batches, times its items), and the
-  last QUIET_RUNS batches on the runner saw no request arrive while they computed. On the loop
-  nothing can arrive meanwhile, so one in PROBE_EVERY such requests goes to the runner anyway:
-  an arrival during it means the load rose and batching resumes;
+- a batch is computed on the event loop itself, through `run_inline`, when no other batch
+  computes and batches like it take at most `inline_max_s` (the cost per item of recent
+  batches, times its items): the hand-off to the runtime's thread and back costs a cheap model
+  more than its run, and with nothing else computing the loop would mostly wait for the run.
+  Requests that arrive meanwhile wait in gRPC and form the next batch; at most one batch runs
+  on the loop a turn, so the answers of one go out before the next starts;
+- at low load a lone request goes further: it is computed in the loop turn it arrived in, with
+  no queue and no future (`_compute_now`), when nothing computes or waits and the last
+  QUIET_RUNS batches were lone requests that no other arrived beside (during a run on the
+  runtime's thread, or in the turn of a run on the loop). Computed at once, requests cannot
+  show that they come together, so one in PROBE_EVERY such requests is queued anyway: others
+  arriving in its turn join it, and a batch of several means the load rose;
 - a batch never holds more than `max_batch_size` items; a request larger than that is split
   into chunks and its results joined back;
 - results are split back in order; an error in a batch reaches every request of that batch;
@@ -66,10 +71,10 @@ logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray], Awaitable[np.ndarray]]
 RunInline = Callable[[np.ndarray], np.ndarray]
-# Runs on the loop need this many consecutive runs on the runner with no arrival meanwhile ...
+# Lone requests are computed at once after this many consecutive batches of one request with
+# no arrival beside them ...
 QUIET_RUNS = 16
-# ... and one in this many of them goes to the runner again, to see whether the load rose (a
-# probe's hand-off costs a small model about as much CPU as its run: 1 in 8 cost ~17 µs a request).
+# ... and one in this many of them is queued anyway, to see whether others come with it.
 PROBE_EVERY = 32
 
 
@@ -154,7 +159,7 @@ class Batcher:
         self._run_inline = run_inline
         self.inline_max_s = inline_max_s
         self._per_item_s: float | None = None  # compute time per item, recent batches
-        self._quiet_runs = 0  # consecutive runs on the runner during which nothing arrived
+        self._quiet_runs = 0  # consecutive batches of one request with no arrival beside
         self._inline_candidates = 0
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -248,7 +253,10 @@ class Batcher:
                             delay_s = _whole_ms(self.max_queue_delay_s - waited)
                             self._timer = loop.call_later(delay_s, self._on_timer, loop)
                         return
-                self._start_batch(loop)
+                if self._start_batch(loop):  # it ran on the loop: answers go out first
+                    if self._queue:
+                        self._schedule_dispatch(loop)
+                    return
         except Exception:  # the requests stay queued: the next arrival or batch retries
             logger.exception("model %s: could not start a batch", self.name)
 
@@ -296,16 +304,20 @@ class Batcher:
             return False
         return True
 
-    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Hands the next batch to the runner; `_batch_returned` takes it from there."""
+    def _start_batch(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Computes the next batch on the loop (returns True) or hands it to the runner, where
+        `_batch_returned` takes it from there."""
         batch = self._take()
         if not batch:
-            return
+            return False
         started = self._clock()
         batch = [p for p in batch if self._still_wanted(p, started)]  # again, as it goes
         if not batch:
-            return
+            return False
         size = sum(len(p.items) for p in batch)
+        if self._fits_loop(size):
+            self._run_on_loop(batch, size, started)
+            return True
         self._computing += 1
         try:
             # The runtime's own future (its worker settles it): no task, no extra loop turn.
@@ -315,9 +327,27 @@ class Batcher:
             self._fail(batch, size, error, self._clock() - started)
             if not isinstance(error, Exception):
                 raise
-            return
+            return False
         self._batches.add(run)
         run.add_done_callback(functools.partial(self._batch_returned, batch, size, started, loop))
+        return False
+
+    def _run_on_loop(self, batch: list[_Pending], size: int, started: float) -> None:
+        """Computes a batch on the event loop and answers its requests."""
+        assert self._run_inline is not None
+        lone = len(batch) == 1 and not self._queue
+        self._quiet_runs = self._quiet_runs + 1 if lone else 0
+        self.stats.on_loop += 1
+        try:
+            outputs = _checked(self._run_inline(self._begin(batch, size, started)), size)
+        except BaseException as error:  # answered like a failed run on the runner
+            self._fail(batch, size, error, self._clock() - started)
+            if not isinstance(error, Exception):
+                raise
+            return
+        compute_s = self._clock() - started
+        self._answer(batch, outputs, started, compute_s)
+        self._finished(size, compute_s, ok=True)
 
     def _batch_returned(
         self,
@@ -338,9 +368,14 @@ class Batcher:
             self._run_returned(loop)
             self._fail(batch, size, error, compute_s)
             return
-        self._quiet_runs = 0 if self._queue else self._quiet_runs + 1
-        pipelined = self._queued_items >= self.max_batch_size
-        if pipelined:  # a full batch waits: it goes to the runner before these answers
+        lone = len(batch) == 1 and not self._queue  # no arrival while it computed
+        self._quiet_runs = self._quiet_runs + 1 if lone else 0
+        # A full batch waits: it goes to the runner before these answers (one short enough
+        # for the loop runs there after them).
+        pipelined = self._queued_items >= self.max_batch_size and not self._short(
+            self.max_batch_size
+        )
+        if pipelined:
             self._run_returned(loop)
         self._answer(batch, outputs, started, compute_s)
         if not pipelined:  # after the answers just scheduled: the batch grows meanwhile
@@ -355,17 +390,25 @@ class Batcher:
         else:
             self._schedule_dispatch(loop)
 
+    def _fits_loop(self, size: int) -> bool:
+        """True when a batch of `size` items may run on the event loop now: it is short, and
+        nothing else computes."""
+        return not self._computing and self._short(size)
+
+    def _short(self, size: int) -> bool:
+        """True when batches of `size` items have taken at most `inline_max_s`, and may run on
+        the loop."""
+        if self._run_inline is None or self.inline_max_s <= 0 or self._per_item_s is None:
+            return False
+        return self._per_item_s * size <= self.inline_max_s
+
     def _runs_inline(self, size: int) -> bool:
-        """True when a batch of `size` items may run on the event loop itself: the load is low
-        (the last QUIET_RUNS runs on the runner saw no request arrive while they computed),
-        nothing else computes or waits, and batches like it have taken at most `inline_max_s`. Every
-        PROBE_EVERY-th such batch goes to the runner anyway, to see whether the load rose:
-        on the loop, arrivals cannot pile up into batches, so high load would not show."""
-        if self._run_inline is None or self.inline_max_s <= 0 or self._computing or self._queue:
-            return False
-        if self._quiet_runs < QUIET_RUNS or self._per_item_s is None:
-            return False
-        if self._per_item_s * size > self.inline_max_s:
+        """True when a request of `size` items may be computed at once, in its arrival's turn:
+        it may run on the loop, nothing waits, and the last QUIET_RUNS batches were lone
+        requests with no arrival beside them. Every PROBE_EVERY-th such request is queued
+        anyway, so that requests arriving in its turn join it (computed at once, they could
+        not show that they come together)."""
+        if self._queue or self._quiet_runs < QUIET_RUNS or not self._fits_loop(size):
             return False
         self._inline_candidates += 1
         return self._inline_candidates % PROBE_EVERY != 0

@@ -295,7 +295,7 @@ def test_deadlines_and_runs_are_on_the_batchers_clock_not_the_loops() -> None:
         with pytest.raises(DeadlineExceeded):
             await batcher.infer(items(1), deadline=time.perf_counter() - 1e-3)
         assert runtime.batches == []  # not computed
-        await quiet_runs(batcher, runtime)  # the load is low: the next run is on the loop
+        await alone(batcher, items(1))  # its cost known, the next batch runs on the loop
         timing = RequestTiming()
         deadline = time.perf_counter() + BOUND_S
         np.testing.assert_array_equal(await batcher.infer(items(3), deadline, timing), items(6))
@@ -359,10 +359,16 @@ async def test_a_deadline_passing_between_batching_and_compute_is_honoured() -> 
     await batcher.close()
 
 
-def make_inline(runtime: FakeRuntime, cost_per_item_s: float, inline_max_s: float) -> Batcher:
+def make_inline(
+    runtime: FakeRuntime, cost_per_item_s: float, inline_max_s: float, recorder: Recorder
+) -> Batcher:
     runtime.clock, runtime.cost_per_item_s = FakeClock(), cost_per_item_s
     return make(
-        runtime, clock=runtime.clock, run_inline=runtime.run_inline, inline_max_s=inline_max_s
+        runtime,
+        clock=runtime.clock,
+        run_inline=runtime.run_inline,
+        inline_max_s=inline_max_s,
+        observer=recorder,
     )
 
 
@@ -374,122 +380,211 @@ async def alone(batcher: Batcher, request: np.ndarray) -> np.ndarray:
     return result
 
 
-async def quiet_runs(batcher: Batcher, runtime: FakeRuntime) -> None:
-    """Requests one at a time until batches run on the loop: QUIET_RUNS runs on the runner."""
-    before = (len(runtime.batches), len(runtime.inline_batches))
-    for i in range(QUIET_RUNS):
+async def learn_cost(batcher: Batcher, runtime: FakeRuntime) -> None:
+    """The first batch goes to the runner: what a batch costs is not known before it."""
+    np.testing.assert_array_equal(await alone(batcher, items(1)), items(2))
+    assert (len(runtime.batches), runtime.inline_batches) == (1, [])
+
+
+def queued(recorder: Recorder) -> int:
+    """How many times an arrival was queued (each reports the queue's depth)."""
+    depths = recorder.depths
+    return sum(1 for before, after in zip([0, *depths], depths, strict=False) if after > before)
+
+
+async def quiet_runs(
+    batcher: Batcher, runtime: FakeRuntime, recorder: Recorder, runs: int = QUIET_RUNS
+) -> None:
+    """Lone requests until they are computed at once: `runs` of them queued and run on the
+    loop (QUIET_RUNS - 1 after `learn_cost`, whose lone run counts)."""
+    before = (len(runtime.batches), len(runtime.inline_batches), queued(recorder))
+    for i in range(runs):
         np.testing.assert_array_equal(await alone(batcher, items(i)), items(2 * i))
-    assert (len(runtime.batches), len(runtime.inline_batches)) == (
-        before[0] + QUIET_RUNS, before[1]
+    assert (len(runtime.batches), len(runtime.inline_batches), queued(recorder)) == (
+        before[0], before[1] + runs, before[2] + runs
     )  # fmt: skip
 
 
-async def test_at_low_load_a_short_batch_runs_on_the_loop() -> None:
-    runtime = FakeRuntime()
-    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001)
-    await quiet_runs(batcher, runtime)
+async def test_a_short_batch_runs_on_the_loop_once_its_cost_is_known() -> None:
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
     np.testing.assert_array_equal(await alone(batcher, items(2, n=3)), items(4, n=3))
-    assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS, 1)  # 0.6 ms
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (1, 1)  # 0.6 ms: on the loop
     np.testing.assert_array_equal(await alone(batcher, items(3, n=8)), items(6, n=8))
-    assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS + 1, 1)  # 1.6 ms
+    assert (len(runtime.batches), len(runtime.inline_batches)) == (2, 1)  # 1.6 ms: the runner
+    assert batcher.stats.on_loop == 1
     await batcher.close()
 
 
-async def test_an_arrival_during_a_probe_ends_runs_on_the_loop() -> None:
-    runtime = FakeRuntime()
-    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
-    await quiet_runs(batcher, runtime)
-    for i in range(PROBE_EVERY - 1):
-        await alone(batcher, items(i))
-    assert (len(runtime.batches), len(runtime.inline_batches)) == (QUIET_RUNS, PROBE_EVERY - 1)
-    runtime.gate.clear()
-    probe = asyncio.create_task(batcher.infer(items(1)))  # the probe: on the runner, gated
-    await settle()
-    arrived = asyncio.create_task(batcher.infer(items(2)))  # arrives while it computes
-    await settle()
-    assert len(runtime.batches) == QUIET_RUNS + 1
-    runtime.gate.set()
-    assert [int(r[0, 0]) for r in await asyncio.gather(probe, arrived)] == [2, 4]
-    assert len(runtime.batches) == QUIET_RUNS + 2  # the load rose: back to the runner ...
-    for i in range(QUIET_RUNS - 1):  # ... until it is quiet again (the arrival's run was)
-        await alone(batcher, items(i))
-    assert (len(runtime.batches), len(runtime.inline_batches)) == (
-        2 * QUIET_RUNS + 1, PROBE_EVERY - 1
+async def test_requests_arriving_together_run_on_the_loop_as_one_batch() -> None:
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0001, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
+    results = await asyncio.gather(*(batcher.infer(items(i, n=i)) for i in (1, 2, 3)))
+    assert [r.tolist() for r in results] == [items(2 * i, n=i).tolist() for i in (1, 2, 3)]
+    assert [len(b) for b in runtime.inline_batches] == [6] and len(runtime.batches) == 1
+    assert recorder.sizes[-1] == 6
+    await batcher.close()
+
+
+async def test_one_batch_runs_on_the_loop_a_turn_and_its_answers_go_out_first() -> None:
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
+    first = [asyncio.create_task(batcher.infer(items(i))) for i in range(8)]
+    second = [asyncio.create_task(batcher.infer(items(i))) for i in range(8, 12)]
+    answered_before: list[bool] = []
+    run_inline = runtime.run_inline
+
+    def watching(values: np.ndarray) -> np.ndarray:
+        answered_before.append(all(task.done() for task in first))
+        return run_inline(values)
+
+    runtime.run_inline = watching  # type: ignore[method-assign]
+    batcher._run_inline = watching
+    results = await asyncio.gather(*first, *second)
+    assert [int(r[0, 0]) for r in results] == [2 * i for i in range(12)]
+    assert [len(b) for b in runtime.inline_batches] == [8, 4]  # max_batch_size 8
+    assert answered_before == [False, True]
+    await batcher.close()
+
+
+async def test_lone_requests_are_computed_at_once_when_quiet_and_a_probe_sees_company() -> None:
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
+    await quiet_runs(batcher, runtime, recorder, QUIET_RUNS - 1)
+    before = queued(recorder), len(runtime.inline_batches)
+    for i in range(PROBE_EVERY - 1):  # computed at once: never queued
+        np.testing.assert_array_equal(await alone(batcher, items(i)), items(2 * i))
+    assert (queued(recorder), len(runtime.inline_batches)) == (
+        before[0], before[1] + PROBE_EVERY - 1
     )  # fmt: skip
+    # The probe is queued; a request arriving in its turn joins it: the load rose.
+    probe, beside = batcher.infer(items(1)), batcher.infer(items(2))
+    assert [int(r[0, 0]) for r in await asyncio.gather(probe, beside)] == [2, 4]
+    assert len(runtime.inline_batches[-1]) == 2 and queued(recorder) == before[0] + 2
+    await quiet_runs(batcher, runtime, recorder)  # queued again until quiet again
     await alone(batcher, items(3))
-    assert len(runtime.inline_batches) == PROBE_EVERY
+    assert queued(recorder) == before[0] + 2 + QUIET_RUNS  # at once again
+    assert len(runtime.batches) == 1  # all of it on the loop
+    await batcher.close()
+
+
+async def test_only_a_lone_request_with_no_arrival_beside_it_is_quiet() -> None:
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
+    await quiet_runs(batcher, runtime, recorder, QUIET_RUNS - 1)
+    runtime.gate.clear()
+    big = asyncio.create_task(batcher.infer(items(1, n=8)))  # 1.6 ms: to the runner, gated
+    await settle()
+    during = asyncio.create_task(batcher.infer(items(2)))  # arrives while it computes
+    await settle()
+    runtime.gate.set()
+    await asyncio.gather(big, during)
+    await settle()
+    depth_reports = queued(recorder)
+    await alone(batcher, items(3))
+    assert queued(recorder) == depth_reports + 1  # queued, not computed at once
+    for i in range(QUIET_RUNS):  # quiet again: lone requests are computed at once ...
+        await alone(batcher, items(i))
+    depth_reports = queued(recorder)
+    await alone(batcher, items(3))
+    assert queued(recorder) == depth_reports
+    # Nor is a batch of two requests on the runner, with nothing arriving while it computes.
+    together = [batcher.infer(items(4, n=6)), batcher.infer(items(5, n=2))]  # 1.6 ms: runner
+    assert [int(r[0, 0]) for r in await asyncio.gather(*together)] == [8, 10]
+    await settle()  # ... until then
+    depth_reports = queued(recorder)
+    await alone(batcher, items(3))
+    assert queued(recorder) == depth_reports + 1
+    assert len(runtime.batches) == 3
     await batcher.close()
 
 
 async def test_a_batch_beside_a_computing_one_never_runs_on_the_loop() -> None:
-    runtime = FakeRuntime()
-    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001)
-    await quiet_runs(batcher, runtime)
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
     runtime.gate.clear()
     big = asyncio.create_task(batcher.infer(items(1, n=8)))  # 1.6 ms: to the runner, gated
     await settle()
-    queued = [asyncio.create_task(batcher.infer(items(i))) for i in (2, 3)]
+    waiting = [asyncio.create_task(batcher.infer(items(i))) for i in (2, 3)]
     await settle()
-    assert runtime.inline_batches == [] and len(runtime.batches) == QUIET_RUNS + 1  # they wait
+    assert runtime.inline_batches == [] and len(runtime.batches) == 2  # they wait
     runtime.gate.set()
-    results = await asyncio.gather(big, *queued)
+    results = await asyncio.gather(big, *waiting)
     assert [int(r[0, 0]) for r in results] == [2, 4, 6]
-    assert len(runtime.batches) == QUIET_RUNS + 2 and runtime.inline_batches == []
+    # Then nothing computes, and the two (0.4 ms) run on the loop as one batch.
+    assert len(runtime.batches) == 2 and [len(b) for b in runtime.inline_batches] == [2]
     await batcher.close()
 
 
-async def test_an_error_on_the_loop_reaches_its_request_and_serving_goes_on() -> None:
-    runtime = FakeRuntime()
-    recorder = Recorder()
-    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
-    batcher._observer = recorder
-    await quiet_runs(batcher, runtime)
+async def test_a_full_short_batch_runs_on_the_loop_after_the_returned_answers() -> None:
+    """A full batch waiting when a run returns goes to the runner before the answers; one
+    short enough for the loop would hold them up there, so it runs after them."""
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0001, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
+    batcher.inline_max_s = 0.0  # a run to the runner, gated ...
+    runtime.gate.clear()
+    running = asyncio.create_task(batcher.infer(items(1)))
+    await settle()
+    full = [asyncio.create_task(batcher.infer(items(i))) for i in range(2, 10)]  # 8 = max
+    await settle()
+    batcher.inline_max_s = 0.001  # ... while the full batch waiting (0.8 ms) is short
+    answered_before: list[bool] = []
+    run_inline = runtime.run_inline
+
+    def watching(values: np.ndarray) -> np.ndarray:
+        answered_before.append(running.done())
+        return run_inline(values)
+
+    batcher._run_inline = watching
+    runtime.gate.set()
+    results = await asyncio.gather(running, *full)
+    assert [int(r[0, 0]) for r in results] == [2 * i for i in range(1, 10)]
+    assert answered_before == [True] and len(runtime.batches) == 2
+    await batcher.close()
+
+
+async def test_an_error_on_the_loop_reaches_its_requests_and_serving_goes_on() -> None:
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
     runtime.fail = True
-    with pytest.raises(InternalError, match="batch of 2 items failed"):
+    together = [batcher.infer(items(1, n=2)), batcher.infer(items(2))]
+    outcomes = await asyncio.gather(*together, return_exceptions=True)
+    assert all(isinstance(o, InternalError) for o in outcomes)
+    assert "batch of 3 items failed" in str(outcomes[0])
+    runtime.fail = False
+    await quiet_runs(batcher, runtime, recorder)
+    runtime.fail = True
+    with pytest.raises(InternalError, match="batch of 2 items failed"):  # computed at once
         await alone(batcher, items(1, n=2))
-    assert len(runtime.inline_batches) == 1
     runtime.fail = False
     np.testing.assert_array_equal(await alone(batcher, items(1)), items(2))
-    assert len(runtime.inline_batches) == 2 and len(runtime.batches) == QUIET_RUNS  # still
-    assert batcher.stats.batches == QUIET_RUNS + 2 and batcher.stats.on_loop == 2
-    assert len(recorder.sizes) == QUIET_RUNS + 2  # every batch started was reported
+    assert len(runtime.batches) == 1 and queued(recorder) == 3 + QUIET_RUNS  # all on the loop
+    assert batcher.stats.batches == QUIET_RUNS + 4 and batcher.stats.on_loop == QUIET_RUNS + 3
+    assert len(recorder.sizes) == QUIET_RUNS + 4  # every batch started was reported
     await batcher.close()
 
 
 async def test_an_expired_request_is_not_computed_on_the_loop_either() -> None:
-    runtime = FakeRuntime()
-    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
-    await quiet_runs(batcher, runtime)
+    runtime, recorder = FakeRuntime(), Recorder()
+    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001, recorder=recorder)
+    await learn_cost(batcher, runtime)
     assert runtime.clock is not None
     with pytest.raises(DeadlineExceeded, match="not computed"):
         await batcher.infer(items(5), deadline=runtime.clock.now)  # due now: expired
-    assert (len(runtime.batches), runtime.inline_batches) == (QUIET_RUNS, [])
-    assert batcher.stats.dropped == 1
-    await batcher.close()
-
-
-async def test_with_two_slots_an_arrival_beside_a_probe_ends_runs_on_the_loop() -> None:
-    """With a free slot and no delay, the request arriving during the probe starts at once
-    beside it (the queue is empty again when the probe returns): the arrival itself says the
-    load rose."""
-    runtime = FakeRuntime()
-    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001)
-    batcher.max_concurrent_batches, batcher.max_queue_delay_s = 2, 0.0
-    await quiet_runs(batcher, runtime)
-    for i in range(PROBE_EVERY - 1):
+    for i in range(QUIET_RUNS):
         await alone(batcher, items(i))
-    runtime.gate.clear()
-    probe = asyncio.create_task(batcher.infer(items(1)))
-    await settle()
-    beside = asyncio.create_task(batcher.infer(items(2)))
-    await settle()
-    assert len(runtime.batches) == QUIET_RUNS + 2  # both computing at once
-    runtime.gate.set()
-    await asyncio.gather(probe, beside)
-    await settle()
-    on_loop = len(runtime.inline_batches)
-    await alone(batcher, items(3))
-    assert len(runtime.inline_batches) == on_loop  # batching again, not on the loop
+    with pytest.raises(DeadlineExceeded, match="not computed"):  # and at once
+        await batcher.infer(items(5), deadline=runtime.clock.now)
+    assert len(runtime.batches) == 1 and len(runtime.inline_batches) == QUIET_RUNS
+    assert batcher.stats.dropped == 2
     await batcher.close()
 
 
