@@ -40,7 +40,7 @@ from service.engine.batcher import Batcher, RunBatch, RunInline
 from service.engine.classify import Classifier
 from service.engine.explain import Explainer
 from service.engine.manager import LoadedModel, ModelManager
-from service.engine.runtime import OnnxModel, RuntimeOptions, warm_up_batch_sizes
+from service.engine.runtime import AUTO_SLOTS, OnnxModel, RuntimeOptions, warm_up_batch_sizes
 from service.errors import ConfigurationError
 from service.observability.metrics import Metrics
 from service.repository.disk import ModelRepository, VersionDir
@@ -280,7 +280,8 @@ class InferenceServer:
         number = version_dir.number
         started = time.perf_counter()
         options = dataclasses.replace(
-            self._runtime_options, executor_threads=batching.max_concurrent_batches
+            self._runtime_options,
+            executor_threads=batching.max_concurrent_batches or AUTO_SLOTS,
         )
         runtime = await asyncio.to_thread(
             OnnxModel.load, name, number, version_dir.model_path, options
@@ -291,6 +292,8 @@ class InferenceServer:
             run, run_inline = self._wrap_run(runtime.run), None
         sizes = warm_up_batch_sizes(batching.max_batch_size)
         try:
+            auto_max_s = batching.inline_run_max_s if batching.max_concurrent_batches == 0 else None
+            slots = await asyncio.to_thread(runtime.prepare_slots, auto_max_s)
             await asyncio.to_thread(runtime.warm_up, sizes)
             if run_inline is not None:
                 await asyncio.to_thread(
@@ -305,7 +308,7 @@ class InferenceServer:
             max_batch_size=batching.max_batch_size,
             max_queue_delay_s=batching.max_queue_delay_s,
             queue_capacity=batching.queue_capacity,
-            max_concurrent_batches=batching.max_concurrent_batches,
+            max_concurrent_batches=slots,
             observer=metrics,
             name=name,
             run_inline=run_inline,
@@ -320,6 +323,7 @@ class InferenceServer:
             name, number, load_s, runtime.provider, len(runtime.spec.labels),
             runtime.spec.input_shape,
         )  # fmt: skip
+        batching = dataclasses.replace(batching, max_concurrent_batches=slots)  # auto resolved
         return LoadedModel(runtime.spec, runtime, batcher, metrics, batching)
 
     async def load_models(self) -> None:

@@ -205,8 +205,13 @@ class Settings:
         ),
     )
     max_concurrent_batches: int = field(
-        default=1,
-        metadata=_doc("batches one model may compute at the same time (runtime executor threads)"),
+        default=0,
+        metadata=_doc(
+            "batches one model may compute at the same time (runtime executor threads); 0 = "
+            "auto: on the CPU, two that share the cores out for a model whose batch of one on "
+            "its share is at most inline_run_max_us (its low-load runs are on the event loop "
+            "anyway), else one with every core"
+        ),
     )
     inline_run_max_us: int = field(
         default=1000,
@@ -282,7 +287,7 @@ class Settings:
                 raise ConfigurationError(f"{name} must be in 0..65535, got {port}")
         _check_security(self)
         positive = (
-            "max_batch_size", "max_concurrent_batches", "queue_capacity", "max_message_bytes",
+            "max_batch_size", "queue_capacity", "max_message_bytes",
             "max_image_bytes", "max_image_pixels", "max_top_k", "decode_threads",
             "max_explain_positions",
         )  # fmt: skip
@@ -290,6 +295,7 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1, got {getattr(self, name)}")
         non_negative = (
+            "max_concurrent_batches",
             "intra_op_threads",
             "inter_op_threads",
             "max_queue_delay_us",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -51,6 +52,8 @@ OPTIMIZATION_LEVELS = {
 # machine, about even on a busy one). A run on one thread may therefore take somewhat longer
 # and still be the better deal; beyond this factor, one client's latency pays too much.
 LOOP_SESSION_MAX_SLOWDOWN = 1.5
+# Workers started for `max_concurrent_batches` 0 (auto); `prepare_slots` keeps them or one.
+AUTO_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,12 @@ class OnnxModel:
             for i in range(max(1, options.executor_threads))
         ]
         self._closed = False
+        self.slots = len(self._workers)  # batches that may compute at once (`prepare_slots`)
         for worker in self._workers:
             worker.start()
         self._output_names = [spec.preprocessing.output_name]
         self._loop_session: ort.InferenceSession | None = None  # run_now's, when it has one
+        self._slot_session: ort.InferenceSession | None = None  # the workers', if not _session
         self.spinning = False  # whether the session's threads spin (`spinning`, resolved)
 
     @classmethod
@@ -185,18 +190,65 @@ class OnnxModel:
             )  # fmt: skip
         return model
 
-    def _batch_of_one_s(self) -> float:
-        """The fastest of three runs of a batch of one, after one that sets the session up."""
+    def _batch_of_one_s(self, session: ort.InferenceSession | None = None) -> float:
+        """The fastest of three runs of a batch of one, after one that sets the session up (on
+        the model's session unless another is given)."""
+        run = (session or self._session).run
         feeds = self._feeds(self._random_images(1))
-        self._session.run(self._output_names, feeds)
-        return min(_timed(self._session.run, self._output_names, feeds) for _ in range(3))
+        run(self._output_names, feeds)
+        return min(_timed(run, self._output_names, feeds) for _ in range(3))
 
     def warm_up(self, batch_sizes: Sequence[int]) -> float:
         """Runs one batch of each size so no request pays for first-run set-up; returns seconds."""
         started = time.perf_counter()
         for size in batch_sizes:
-            self.run_blocking(self._random_images(size))
+            images = self._random_images(size)
+            self.run_blocking(images)
+            if self._slot_session is not None:
+                self._slot_session.run(self._output_names, self._feeds(images))
         return time.perf_counter() - started
+
+    def prepare_slots(self, auto_max_s: float | None = None) -> int:
+        """Sets up the batch slots (the worker threads) and returns how many there are.
+
+        On the CPU with `intra_op_threads` 0 (one a core), several slots get a session of their
+        own whose runs have the cores shared out among them (at least one thread each): batches
+        computed side by side then split the cores instead of each asking for all of them. The
+        model's own session (every core) stays for the runs on the event loop, alone by
+        definition, and for `run_blocking`.
+
+        `auto_max_s` (`max_concurrent_batches` 0, with AUTO_SLOTS workers started): the slots
+        stay only for a model on the CPU whose batch of one on its share of the cores takes at
+        most that (the batcher's limit for a run on the event loop). Such a model's lone
+        requests run on the loop, so the slots only ever see load, where two batches side by
+        side on a core each beat one on both (docs/benchmark.md); a slower model's lone
+        requests would run on a share of the cores, slower. Otherwise one slot remains.
+        """
+        slots, cores = len(self._workers), os.cpu_count() or 1
+        shared = self.provider == CPU and self._options.intra_op_threads == 0 and slots > 1
+        threads = max(1, cores // slots)
+        if shared and threads < cores:
+            self._slot_session = _new_session(
+                self._path,
+                dataclasses.replace(self._options, intra_op_threads=threads),
+                [CPU],
+                spinning=self.spinning,
+            )
+        if auto_max_s is not None:
+            one_s = self._batch_of_one_s(self._slot_session) if shared else None
+            if one_s is None or one_s > auto_max_s:
+                self._slot_session = None
+                for _ in range(slots - 1):  # each ends one worker
+                    self._jobs.put(None)
+                slots = 1
+            logger.info(
+                "model %s version %s: %d batch slot%s (max_concurrent_batches auto; a batch of "
+                "one on %d of %d cores: %s)", self.spec.name, self.spec.version, slots,
+                "" if slots == 1 else "s", threads, cores,
+                "-" if one_s is None else f"{1000 * one_s:.3f} ms",
+            )  # fmt: skip
+        self.slots = slots
+        return slots
 
     def prepare_loop_session(self, max_s: float, batch_sizes: Sequence[int]) -> bool:
         """Gives `run_now` a single-threaded session when the model runs on the CPU with more
@@ -218,11 +270,15 @@ class OnnxModel:
             shared_s = min(_timed(self._session.run, self._output_names, feeds) for _ in range(3))
             if shared_s > max_s:
                 return False
-            session = ort.InferenceSession(
-                str(self._path),
-                sess_options=_session_options(self._options, 1, spinning=False),
-                providers=[CPU],
-            )
+            slot = self._slot_session
+            if slot is not None and slot.get_session_options().intra_op_num_threads == 1:
+                session = slot  # the workers' one-threaded session: no third copy
+            else:
+                session = ort.InferenceSession(
+                    str(self._path),
+                    sess_options=_session_options(self._options, 1, spinning=False),
+                    providers=[CPU],
+                )
             for size in batch_sizes:
                 session.run(self._output_names, self._feeds(self._random_images(size)))
             one_s = min(_timed(session.run, self._output_names, feeds) for _ in range(3))
@@ -283,7 +339,10 @@ class OnnxModel:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                outcome: np.ndarray | BaseException = self.run_blocking(job.images)
+                session = self._slot_session or self._session
+                outcome: np.ndarray | BaseException = session.run(
+                    self._output_names, self._feeds(job.images)
+                )[0]
             except BaseException as error:  # handed to the caller, as an executor would
                 outcome = error
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for it

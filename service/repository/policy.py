@@ -95,7 +95,7 @@ class Batching:
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
     queue_capacity: int = 512
-    max_concurrent_batches: int = 1
+    max_concurrent_batches: int = 0  # 0: auto (OnnxModel.prepare_slots)
     inline_run_max_us: int = 1000
 
     @property
@@ -112,7 +112,7 @@ BATCHING_KEYS: Mapping[str, int] = {
     "max_batch_size": 1,
     "max_queue_delay_us": 0,
     "queue_capacity": 1,
-    "max_concurrent_batches": 1,
+    "max_concurrent_batches": 0,
     "inline_run_max_us": 0,
 }
 CONFIG_KEYS = ("version_policy", *BATCHING_KEYS)

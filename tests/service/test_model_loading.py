@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -317,3 +318,100 @@ def test_a_symlinked_repository_root_is_followed(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "real")
     (entry,) = ModelRepository(tmp_path / "link").scan()
     assert (entry.name, entry.version, entry.problem) == ("tiny", 1, "")
+
+
+def intra_op_threads(session: object) -> int:
+    """The intra-op threads an ONNX Runtime session was made with."""
+    return int(session.get_session_options().intra_op_num_threads)  # type: ignore[attr-defined]
+
+
+def test_batch_slots_share_the_cores_out_and_answer_as_the_model_does(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several batch slots (worker threads) and intra-op threads 0 (one a core), the
+    workers' runs get the cores shared out among the slots; the model's own session keeps
+    every core. One slot, or threads set by hand, change nothing. The answers are the
+    model's either way. (The core count is given: the machine's decides nothing here.)"""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 4)
+    cases = [
+        (RuntimeOptions(providers="cpu", executor_threads=2), 2),
+        (RuntimeOptions(providers="cpu", executor_threads=8), 1),  # at least one each
+        (RuntimeOptions(providers="cpu", executor_threads=1), None),
+        (RuntimeOptions(providers="cpu", executor_threads=2, intra_op_threads=3), None),
+    ]
+    for options, threads in cases:
+        model = OnnxModel.load("tiny", 1, path, options)
+        try:
+            assert model.prepare_slots() == options.executor_threads == model.slots
+            if threads is None:
+                assert model._slot_session is None  # the model's own session
+            else:
+                assert model._slot_session is not None
+                assert intra_op_threads(model._slot_session) == threads
+                assert intra_op_threads(model._session) == 0  # ONNX Runtime's: one a core
+            assert_workers_answer(model, seed=12)
+        finally:
+            model.close()
+
+
+def assert_workers_answer(model: OnnxModel, seed: int) -> None:
+    images = random_images(3, seed=seed)
+
+    async def on_a_worker() -> np.ndarray:
+        return await model.run(images)
+
+    np.testing.assert_allclose(
+        asyncio.run(on_a_worker()), reference_logits(TinySpec(), images), atol=1e-5
+    )
+
+
+def test_auto_keeps_two_slots_only_for_a_model_short_enough_for_the_loop(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`max_concurrent_batches` 0 starts AUTO_SLOTS workers; the slots stay when a batch of one
+    on a slot's share of the cores takes at most the limit, else one slot with every core
+    remains. (The timings are scripted.)"""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 2)
+    options = RuntimeOptions(
+        providers="cpu", executor_threads=runtime_module.AUTO_SLOTS, spinning="off"
+    )
+    caplog.set_level(logging.INFO, logger="service.engine.runtime")
+    for timing, slots in ((0.001, 2), (0.003, 1)):
+        model = OnnxModel.load("tiny", 1, path, options)
+        try:
+            scripted_timings(monkeypatch, [timing] * 3)
+            assert model.prepare_slots(auto_max_s=0.002) == slots == model.slots
+            assert (model._slot_session is not None) is (slots == 2)
+            assert f"{slots} batch slot" in caplog.text
+            assert_workers_answer(model, seed=14)
+        finally:
+            model.close()
+
+
+def test_runs_on_the_loop_reuse_a_one_threaded_slot_session(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the slots' session already has one intra-op thread, runs on the loop that are
+    better on one thread use it: no third copy of the model."""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 2)
+    model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", executor_threads=2))
+    try:
+        assert model.prepare_slots() == 2 and model._slot_session is not None
+        made: list[object] = []
+        real = runtime_module.ort.InferenceSession
+
+        def counted(*args: object, **kwargs: object) -> object:
+            made.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(runtime_module.ort, "InferenceSession", counted)
+        scripted_timings(monkeypatch, [0.001] * 3 + [0.0012] * 3)
+        assert model.prepare_loop_session(0.002, [1, 2])
+        assert made == [] and model._loop_session is model._slot_session
+        images = random_images(2, seed=13)
+        np.testing.assert_allclose(model.run_now(images), model.run_blocking(images), atol=1e-5)
+    finally:
+        model.close()
