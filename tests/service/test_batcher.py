@@ -441,7 +441,6 @@ async def test_one_batch_runs_on_the_loop_a_turn_and_its_answers_go_out_first() 
         answered_before.append(all(task.done() for task in first))
         return run_inline(values)
 
-    runtime.run_inline = watching  # type: ignore[method-assign]
     batcher._run_inline = watching
     results = await asyncio.gather(*first, *second)
     assert [int(r[0, 0]) for r in results] == [2 * i for i in range(12)]
@@ -450,11 +449,17 @@ async def test_one_batch_runs_on_the_loop_a_turn_and_its_answers_go_out_first() 
     await batcher.close()
 
 
-async def test_lone_requests_are_computed_at_once_when_quiet_and_a_probe_sees_company() -> None:
+async def quiet_batcher(cost_per_item_s: float) -> tuple[FakeRuntime, Recorder, Batcher]:
+    """A batcher whose lone requests are computed at once (limit 1 ms)."""
     runtime, recorder = FakeRuntime(), Recorder()
-    batcher = make_inline(runtime, cost_per_item_s=0.0, inline_max_s=0.001, recorder=recorder)
+    batcher = make_inline(runtime, cost_per_item_s, inline_max_s=0.001, recorder=recorder)
     await learn_cost(batcher, runtime)
     await quiet_runs(batcher, runtime, recorder, QUIET_RUNS - 1)
+    return runtime, recorder, batcher
+
+
+async def test_lone_requests_are_computed_at_once_when_quiet_and_a_probe_sees_company() -> None:
+    runtime, recorder, batcher = await quiet_batcher(cost_per_item_s=0.0)
     before = queued(recorder), len(runtime.inline_batches)
     for i in range(PROBE_EVERY - 1):  # computed at once: never queued
         np.testing.assert_array_equal(await alone(batcher, items(i)), items(2 * i))
@@ -473,10 +478,7 @@ async def test_lone_requests_are_computed_at_once_when_quiet_and_a_probe_sees_co
 
 
 async def test_only_a_lone_request_with_no_arrival_beside_it_is_quiet() -> None:
-    runtime, recorder = FakeRuntime(), Recorder()
-    batcher = make_inline(runtime, cost_per_item_s=0.0002, inline_max_s=0.001, recorder=recorder)
-    await learn_cost(batcher, runtime)
-    await quiet_runs(batcher, runtime, recorder, QUIET_RUNS - 1)
+    runtime, recorder, batcher = await quiet_batcher(cost_per_item_s=0.0002)
     runtime.gate.clear()
     big = asyncio.create_task(batcher.infer(items(1, n=8)))  # 1.6 ms: to the runner, gated
     await settle()
