@@ -335,8 +335,7 @@ class Batcher:
     def _run_on_loop(self, batch: list[_Pending], size: int, started: float) -> None:
         """Computes a batch on the event loop and answers its requests."""
         assert self._run_inline is not None
-        lone = len(batch) == 1 and not self._queue
-        self._quiet_runs = self._quiet_runs + 1 if lone else 0
+        self._count_quiet(batch)
         self.stats.on_loop += 1
         try:
             outputs = _checked(self._run_inline(self._begin(batch, size, started)), size)
@@ -368,8 +367,7 @@ class Batcher:
             self._run_returned(loop)
             self._fail(batch, size, error, compute_s)
             return
-        lone = len(batch) == 1 and not self._queue  # no arrival while it computed
-        self._quiet_runs = self._quiet_runs + 1 if lone else 0
+        self._count_quiet(batch)
         # A full batch waits: it goes to the runner before these answers (one short enough
         # for the loop runs there after them).
         pipelined = self._queued_items >= self.max_batch_size and not self._short(
@@ -389,6 +387,12 @@ class Batcher:
             self._dispatch(loop)
         else:
             self._schedule_dispatch(loop)
+
+    def _count_quiet(self, batch: list[_Pending]) -> None:
+        """A batch of one request with no arrival beside it (nothing queued behind it when it
+        returns or runs on the loop) extends the run of quiet batches; any other ends it."""
+        lone = len(batch) == 1 and not self._queue
+        self._quiet_runs = self._quiet_runs + 1 if lone else 0
 
     def _fits_loop(self, size: int) -> bool:
         """True when a batch of `size` items may run on the event loop now: it is short, and
