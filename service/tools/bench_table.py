@@ -168,7 +168,8 @@ def print_machine(options: RuntimeOptions, args: argparse.Namespace) -> None:
     )
     defaults = Settings()
     server_defaults = (
-        f"its defaults (event loop {defaults.event_loop}, {defaults.call_takers} call takers)"
+        f"its defaults (event loop {defaults.event_loop}, {defaults.call_takers} call takers, "
+        f"batch slots {defaults.max_concurrent_batches or 'auto'})"
     )
     print(
         f"server flags: {' '.join(args.server_arg) or server_defaults}; "

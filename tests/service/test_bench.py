@@ -64,7 +64,7 @@ def test_table_prints_every_case_with_its_ratio_and_goal(
     assert runs == expected * 2  # the large model's runs, then the small one's
     assert any(line.startswith("machine: ") and "onnxruntime" in line for line in lines)
     assert (
-        "server flags: its defaults (event loop uvloop, 64 call takers); "
+        "server flags: its defaults (event loop uvloop, 64 call takers, batch slots auto); "
         "reference flags: its defaults "
     ) in "\n".join(lines)
 
