@@ -290,13 +290,13 @@ class InferenceServer:
         )
         run_inline: RunInline | None = runtime.run_now
         run: RunBatch = runtime.run
+        run_alone: RunBatch | None = runtime.run_alone
         if self._wrap_run is not None:  # the tests' gates: the one run, nothing bypasses it
-            run, run_inline = self._wrap_run(runtime.run), None
+            run, run_inline, run_alone = self._wrap_run(runtime.run), None, None
         sizes = warm_up_batch_sizes(batching.max_batch_size)
         try:
             auto = batching.max_concurrent_batches == 0 and auto_slots > 1
-            auto_max_s = batching.inline_run_max_s if auto else None
-            slots = await asyncio.to_thread(runtime.prepare_slots, auto_max_s)
+            slots = await asyncio.to_thread(runtime.prepare_slots, auto)
             await asyncio.to_thread(runtime.warm_up, sizes)
             if run_inline is not None:
                 await asyncio.to_thread(
@@ -316,6 +316,7 @@ class InferenceServer:
             name=name,
             run_inline=run_inline,
             inline_max_s=batching.inline_run_max_s,
+            run_alone=run_alone if runtime.shares_cores else None,
         )
         batcher.start()
         load_s = time.perf_counter() - started

@@ -208,9 +208,8 @@ class Settings:
         default=0,
         metadata=_doc(
             "batches one model may compute at the same time (runtime executor threads); 0 = "
-            "auto: on the CPU, two that share the cores out for a model whose batch of one on "
-            "its share is at most inline_run_max_us (its low-load runs are on the event loop "
-            "anyway), else one with every core"
+            "auto: on the CPU two that share the cores out, a batch computed alone (no full "
+            "batch waiting) on every core; on CUDA one"
         ),
     )
     inline_run_max_us: int = field(

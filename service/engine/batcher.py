@@ -12,9 +12,16 @@ polls the queue; a timer stands in for the delay below):
   `max_queue_delay_s`; otherwise the queue empties into the next free slot;
 - so `max_queue_delay_s` only matters with `max_concurrent_batches` > 1: it bounds how long
   requests wait for a fuller batch while a free slot stands idle beside a computing batch. With
-  one slot (the default) no slot is ever free while a batch computes, and the next batch starts
-  the moment the running one ends, whatever the delay: the batch size comes from what piled up
-  meanwhile, and no request ever waits on the delay;
+  one slot no slot is ever free while a batch computes, and the next batch starts the moment
+  the running one ends, whatever the delay: the batch size comes from what piled up meanwhile,
+  and no request ever waits on the delay;
+- with `run_alone` (the slots share the cores out: the runtime's `run` gives a batch its slot's
+  share, `run_alone` every core), a batch that starts while none computes and leaves less than
+  a full batch waiting runs alone: `run_alone`, and no batch starts beside it until it returns
+  (the slots act as one). With a full batch waiting behind it, it takes its share and the next
+  starts beside it: under load the slots compute side by side, at low load a batch has every
+  core, and the two kinds never mix (a batch on every core with another beside it would ask
+  for more threads than there are cores);
 - when a run returns and a full batch waits, the full batch goes to the runtime before the
   returned results are handed out: the runtime computes it while the event loop answers. A
   partial batch waits until the answers are handed out (it can grow meanwhile): a cheap model
@@ -154,8 +161,11 @@ class Batcher:
         clock: Callable[[], float] = time.perf_counter,
         run_inline: RunInline | None = None,
         inline_max_s: float = 0.0,
+        run_alone: RunBatch | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._run_alone = run_alone
+        self._alone = False  # the batch computing is run_alone's: none starts beside it
         self._run_inline = run_inline
         self.inline_max_s = inline_max_s
         self._per_item_s: float | None = None  # compute time per item, recent batches
@@ -246,6 +256,8 @@ class Batcher:
             return
         try:
             while self._queue and self._computing < self.max_concurrent_batches:
+                if self._alone:  # none beside a batch on every core
+                    return
                 if self._computing and self._queued_items < self.max_batch_size:
                     waited = self._clock() - self._queue[0].enqueued_at
                     if waited < self.max_queue_delay_s:
@@ -318,10 +330,14 @@ class Batcher:
         if self._fits_loop(size):
             self._run_on_loop(batch, size, started)
             return True
+        run_batch = self._run_batch
+        if self._run_alone is not None and not self._computing:
+            self._alone = self._queued_items < self.max_batch_size  # no full batch behind it
+            run_batch = self._run_alone if self._alone else run_batch
         self._computing += 1
         try:
             # The runtime's own future (its worker settles it): no task, no extra loop turn.
-            run = asyncio.ensure_future(self._run_batch(self._begin(batch, size, started)))
+            run = asyncio.ensure_future(run_batch(self._begin(batch, size, started)))
         except BaseException as error:  # the slot is freed and the batch answered in any case
             self._run_returned(loop, at_once=False)
             self._fail(batch, size, error, self._clock() - started)
@@ -383,6 +399,7 @@ class Batcher:
     def _run_returned(self, loop: asyncio.AbstractEventLoop, at_once: bool = True) -> None:
         """Frees the batch's slot and starts what may start now (or at the turn's end)."""
         self._computing -= 1
+        self._alone = False  # a batch alone was the only one
         if at_once:
             self._dispatch(loop)
         else:

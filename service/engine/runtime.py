@@ -7,6 +7,10 @@ workers take batches from and one `call_soon_threadsafe` per batch back: half th
 `loop.run_in_executor` (about 19 against 40 µs a round trip on the 2-core build machine), which
 a small model pays per batch.
 
+With several slots on the CPU, `run()` computes a batch on its slot's share of the cores and
+`run_alone()` on every core, for a batch its caller computes with none beside it
+(`prepare_slots`; the batcher chooses).
+
 `run_now()` runs a batch in the calling thread (the batcher's short runs on the event loop). On
 the CPU, when a batch of one is that short, those runs get a session of their own with one
 intra-op thread (`prepare_loop_session`): a tiny batch split over several threads spends more
@@ -208,47 +212,47 @@ class OnnxModel:
                 self._slot_session.run(self._output_names, self._feeds(images))
         return time.perf_counter() - started
 
-    def prepare_slots(self, auto_max_s: float | None = None) -> int:
+    def prepare_slots(self, auto: bool = False) -> int:
         """Sets up the batch slots (the worker threads) and returns how many there are.
 
         On the CPU with `intra_op_threads` 0 (one a core), several slots get a session of their
         own whose runs have the cores shared out among them (at least one thread each): batches
         computed side by side then split the cores instead of each asking for all of them. The
-        model's own session (every core) stays for the runs on the event loop, alone by
-        definition, and for `run_blocking`.
+        model's own session (every core) stays for a batch computed alone (`run_alone`), for
+        the runs on the event loop and for `run_blocking`.
 
-        `auto_max_s` (`max_concurrent_batches` 0, with AUTO_SLOTS workers started): the slots
-        stay only for a model on the CPU whose batch of one on its share of the cores takes at
-        most that (the batcher's limit for a run on the event loop). Such a model's lone
-        requests run on the loop, so the slots only ever see load, where two batches side by
-        side on a core each beat one on both (docs/benchmark.md); a slower model's lone
-        requests would run on a share of the cores, slower. Otherwise one slot remains.
+        `auto` (`max_concurrent_batches` 0, with AUTO_SLOTS workers started): the slots stay
+        where they share the cores out; elsewhere (CUDA, intra-op threads set by hand, one
+        core) one slot remains, with the model's session.
         """
         slots, cores = len(self._workers), os.cpu_count() or 1
-        shared = self.provider == CPU and self._options.intra_op_threads == 0 and slots > 1
         threads = max(1, cores // slots)
-        if shared and threads < cores:
+        if self.provider == CPU and self._options.intra_op_threads == 0 and threads < cores:
             self._slot_session = _new_session(
                 self._path,
                 dataclasses.replace(self._options, intra_op_threads=threads),
                 [CPU],
                 spinning=self.spinning,
             )
-        if auto_max_s is not None:
-            one_s = self._batch_of_one_s(self._slot_session) if shared else None
-            if one_s is None or one_s > auto_max_s:
-                self._slot_session = None
+        if auto:
+            if self._slot_session is None:
                 for _ in range(slots - 1):  # each ends one worker
                     self._jobs.put(None)
                 slots = 1
             logger.info(
-                "model %s version %s: %d batch slot%s (max_concurrent_batches auto; a batch of "
-                "one on %d of %d cores: %s)", self.spec.name, self.spec.version, slots,
-                "" if slots == 1 else "s", threads, cores,
-                "-" if one_s is None else f"{1000 * one_s:.3f} ms",
+                "model %s version %s: %s (max_concurrent_batches auto)", self.spec.name,
+                self.spec.version,
+                f"{slots} batch slots of {threads} of {cores} cores each; a batch computed alone "
+                "gets every core" if slots > 1 else "1 batch slot with every core",
             )  # fmt: skip
         self.slots = slots
         return slots
+
+    @property
+    def shares_cores(self) -> bool:
+        """Whether the slots' runs share the cores out (`prepare_slots`), so that a batch
+        computed alone is better off on `run_alone`."""
+        return self._slot_session is not None
 
     def prepare_loop_session(self, max_s: float, batch_sizes: Sequence[int]) -> bool:
         """Gives `run_now` a single-threaded session when the model runs on the CPU with more
@@ -328,19 +332,29 @@ class OnnxModel:
 
     def run(self, images: np.ndarray) -> asyncio.Future[np.ndarray]:
         """Runs one batch on the model's worker threads without blocking the event loop: its
-        outputs come as the result of the future returned (set on the calling loop)."""
+        outputs come as the result of the future returned (set on the calling loop). On the
+        slots' share of the cores when they share them out (`prepare_slots`)."""
+        return self._submit(images, self._slot_session or self._session)
+
+    def run_alone(self, images: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """`run` on every core (the model's session), for a batch its caller computes alone:
+        no other batch beside it until it returns."""
+        return self._submit(images, self._session)
+
+    def _submit(
+        self, images: np.ndarray, session: ort.InferenceSession
+    ) -> asyncio.Future[np.ndarray]:
         if self._closed:
             raise RuntimeError(f"model {self.spec.name}: the runtime is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._jobs.put(_Job(images, loop, future))
+        self._jobs.put(_Job(images, session, loop, future))
         return future
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                session = self._slot_session or self._session
-                outcome: np.ndarray | BaseException = session.run(
+                outcome: np.ndarray | BaseException = job.session.run(
                     self._output_names, self._feeds(job.images)
                 )[0]
             except BaseException as error:  # handed to the caller, as an executor would
@@ -390,6 +404,7 @@ def _timed(function: Callable[..., object], *args: object) -> float:
 @dataclass(frozen=True)
 class _Job:
     images: np.ndarray
+    session: ort.InferenceSession
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray]
 

@@ -30,6 +30,7 @@ class FakeRuntime:
         self.fail = fail
         self.batches: list[np.ndarray] = []
         self.inline_batches: list[np.ndarray] = []
+        self.alone_batches: list[np.ndarray] = []  # run_alone's (every core)
         self.gate = asyncio.Event()
         if not gated:
             self.gate.set()
@@ -38,6 +39,11 @@ class FakeRuntime:
 
     async def run(self, items: np.ndarray) -> np.ndarray:
         self.batches.append(items.copy())
+        await self.gate.wait()
+        return self._compute(items)
+
+    async def run_alone(self, items: np.ndarray) -> np.ndarray:
+        self.alone_batches.append(items.copy())
         await self.gate.wait()
         return self._compute(items)
 
@@ -191,6 +197,40 @@ async def test_with_one_slot_the_queue_delay_has_no_effect() -> None:
     # the second batch starts the moment the first ends, not after the delay
     await asyncio.wait_for(asyncio.gather(first, second), BOUND_S)
     assert recorder.sizes == [1, 1]
+    await batcher.close()
+
+
+async def test_a_batch_alone_gets_every_core_and_none_starts_beside_it() -> None:
+    """With slots that share the cores out, a batch starting while none computes, with less
+    than a full batch behind it, runs on every core (`run_alone`); a request arriving
+    meanwhile waits for it to return, free slot and no delay notwithstanding."""
+    runtime = FakeRuntime(gated=True)
+    batcher = make(
+        runtime, max_concurrent_batches=2, max_queue_delay_s=0.0, run_alone=runtime.run_alone
+    )
+    first = asyncio.create_task(batcher.infer(items(1)))
+    await settle()
+    second = asyncio.create_task(batcher.infer(items(2)))
+    await settle()
+    assert (len(runtime.alone_batches), len(runtime.batches)) == (1, 0)  # none beside it
+    runtime.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first, second), BOUND_S)
+    assert [r.tolist() for r in results] == [items(2).tolist(), items(4).tolist()]
+    assert (len(runtime.alone_batches), len(runtime.batches)) == (2, 0)  # the second alone too
+    await batcher.close()
+
+
+async def test_with_a_full_batch_behind_it_batches_compute_side_by_side_on_a_share() -> None:
+    """A batch that leaves a full batch waiting takes its slot's share of the cores, and the
+    next starts beside it at once (the delay does not apply to a full batch)."""
+    runtime = FakeRuntime(gated=True)
+    batcher = make(runtime, max_batch_size=2, max_concurrent_batches=2, run_alone=runtime.run_alone)
+    requests = [asyncio.create_task(batcher.infer(items(v))) for v in (1, 2, 3, 4)]
+    await settle()
+    assert (len(runtime.alone_batches), len(runtime.batches)) == (0, 2)  # both on a share
+    runtime.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*requests), BOUND_S)
+    assert [r.tolist() for r in results] == [items(2 * v).tolist() for v in (1, 2, 3, 4)]
     await batcher.close()
 
 

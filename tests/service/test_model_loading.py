@@ -366,28 +366,68 @@ def assert_workers_answer(model: OnnxModel, seed: int) -> None:
     )
 
 
-def test_auto_keeps_two_slots_only_for_a_model_short_enough_for_the_loop(
+def test_auto_keeps_two_slots_where_they_share_the_cores_out(
     tiny_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`max_concurrent_batches` 0 starts AUTO_SLOTS workers; the slots stay when a batch of one
-    on a slot's share of the cores takes at most the limit, else one slot with every core
-    remains. (The timings are scripted.)"""
+    """`max_concurrent_batches` 0 starts AUTO_SLOTS workers; on the CPU with two cores and
+    intra-op threads 0 both stay, with a core each; on one core, or with the threads set by
+    hand, one slot with the model's session remains. (The core count is given.)"""
     path = tiny_repository / "tiny" / "1" / "model.onnx"
-    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 2)
-    options = RuntimeOptions(
-        providers="cpu", executor_threads=runtime_module.AUTO_SLOTS, spinning="off"
-    )
     caplog.set_level(logging.INFO, logger="service.engine.runtime")
-    for timing, slots in ((0.001, 2), (0.003, 1)):
+    cases = [(2, 0, 2), (1, 0, 1), (2, 2, 1)]  # cores, intra-op threads, slots kept
+    for cores, threads, slots in cases:
+        monkeypatch.setattr(runtime_module.os, "cpu_count", lambda cores=cores: cores)
+        options = RuntimeOptions(
+            providers="cpu", executor_threads=runtime_module.AUTO_SLOTS, intra_op_threads=threads
+        )
         model = OnnxModel.load("tiny", 1, path, options)
         try:
-            scripted_timings(monkeypatch, [timing] * 3)
-            assert model.prepare_slots(auto_max_s=0.002) == slots == model.slots
-            assert (model._slot_session is not None) is (slots == 2)
+            assert model.prepare_slots(auto=True) == slots == model.slots
+            assert model.shares_cores is (slots == 2)
             assert f"{slots} batch slot" in caplog.text
             assert_workers_answer(model, seed=14)
         finally:
             model.close()
+
+
+class RecordedSession:
+    """An ONNX Runtime session that records the batch sizes it runs."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.sizes: list[int] = []
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> object:
+        self.sizes.extend(len(images) for images in feeds.values())
+        return self.session.run(names, feeds)  # type: ignore[attr-defined]
+
+
+def test_a_batch_alone_runs_on_every_core_and_batches_side_by_side_on_a_share(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the slots sharing the cores out, `run` computes on the slots' session and
+    `run_alone` on the model's own (every core); both answer as the model does."""
+    path = tiny_repository / "tiny" / "1" / "model.onnx"
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 2)
+    model = OnnxModel.load("tiny", 1, path, RuntimeOptions(providers="cpu", executor_threads=2))
+    try:
+        assert model.prepare_slots() == 2 and model.shares_cores
+        every_core = model._session
+        assert intra_op_threads(every_core) == 0
+        model._session = alone = RecordedSession(every_core)  # type: ignore[assignment]
+        model._slot_session = share = RecordedSession(model._slot_session)  # type: ignore[assignment]
+        images = random_images(3, seed=15)
+
+        async def both() -> tuple[np.ndarray, np.ndarray]:
+            return await model.run_alone(images), await model.run(images[:2])
+
+        on_every_core, on_a_share = asyncio.run(both())
+        assert (alone.sizes, share.sizes) == ([3], [2])
+        expected = reference_logits(TinySpec(), images)
+        np.testing.assert_allclose(on_every_core, expected, atol=1e-5)
+        np.testing.assert_allclose(on_a_share, expected[:2], atol=1e-5)
+    finally:
+        model.close()
 
 
 def test_runs_on_the_loop_reuse_a_one_threaded_slot_session(
