@@ -153,6 +153,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+class RecordedSession:
+    """An ONNX Runtime session that records the batch sizes it runs (put in place of one of a
+    model's sessions)."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.sizes: list[int] = []
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> object:
+        self.sizes.extend(len(images) for images in feeds.values())
+        return self.session.run(names, feeds)  # type: ignore[attr-defined]
+
+
 def random_images(count: int, seed: int, spec: TinySpec | None = None) -> np.ndarray:
     spec = spec or TinySpec()
     rng = np.random.default_rng(seed)

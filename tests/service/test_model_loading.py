@@ -20,7 +20,7 @@ from service.errors import ConfigurationError, ModelLoadError, ModelNotFound
 from service.repository.disk import ModelRepository, VersionDir
 from service.repository.policy import Batching
 from tests.model_factory import TinySpec, reference_logits, write_version
-from tests.service.conftest import StartServer, random_images
+from tests.service.conftest import RecordedSession, StartServer, random_images
 from tests.service.model_builders import write_broken_version, write_model_without_metadata
 from tests.service.test_inference_api import infer_request, logits_of
 
@@ -390,18 +390,6 @@ def test_auto_keeps_two_slots_where_they_share_the_cores_out(
             model.close()
 
 
-class RecordedSession:
-    """An ONNX Runtime session that records the batch sizes it runs."""
-
-    def __init__(self, session: object) -> None:
-        self.session = session
-        self.sizes: list[int] = []
-
-    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> object:
-        self.sizes.extend(len(images) for images in feeds.values())
-        return self.session.run(names, feeds)  # type: ignore[attr-defined]
-
-
 def test_a_batch_alone_runs_on_every_core_and_batches_side_by_side_on_a_share(
     tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -428,6 +416,31 @@ def test_a_batch_alone_runs_on_every_core_and_batches_side_by_side_on_a_share(
         np.testing.assert_allclose(on_a_share, expected[:2], atol=1e-5)
     finally:
         model.close()
+
+
+def test_a_served_model_computes_a_lone_batch_on_every_core(
+    start_server: StartServer,
+    tiny_repository: Path,
+    tiny_spec: TinySpec,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A served model on two cores with intra-op threads 0 gets two slots (auto); a request
+    computed alone runs on the model's session, every core, not on a slot's share (never on
+    the loop here: `inline_run_max_us` 0). (The core count is given.)"""
+    monkeypatch.setattr(runtime_module.os, "cpu_count", lambda: 2)
+    running = start_server(tiny_repository, intra_op_threads=0, inline_run_max_us=0)
+    assert running.server.models is not None
+    model = running.server.models.resolve("tiny", "")
+    assert model.batching.max_concurrent_batches == 2 and model.runtime.shares_cores
+    runtime = model.runtime
+    runtime._session = alone = RecordedSession(runtime._session)  # type: ignore[assignment]
+    runtime._slot_session = share = RecordedSession(runtime._slot_session)  # type: ignore[assignment]
+    images = random_images(3, seed=16)
+    response = running.inference_stub().ModelInfer(infer_request(images), timeout=60)
+    np.testing.assert_allclose(
+        logits_of(response), reference_logits(tiny_spec, images), rtol=1e-5, atol=1e-6
+    )
+    assert (alone.sizes, share.sizes) == ([3], [])
 
 
 def test_runs_on_the_loop_reuse_a_one_threaded_slot_session(
