@@ -16,11 +16,15 @@ polls the queue; a timer stands in for the delay below):
   the running one ends, whatever the delay: the batch size comes from what piled up meanwhile,
   and no request ever waits on the delay;
 - with `run_alone` (the slots share the cores out: the runtime's `run` gives a batch its slot's
-  share, `run_alone` every core), a batch that starts while none computes and leaves less than
-  a full batch waiting runs alone: `run_alone`, and no batch starts beside it until it returns
-  (the slots act as one). With a full batch waiting behind it, it takes its share and the next
-  starts beside it: under load the slots compute side by side, at low load a batch has every
-  core, and the two kinds never mix (a batch on every core with another beside it would ask
+  share, `run_alone` every core), a batch that starts while none computes and less than a full
+  batch waits runs alone: `run_alone`, up to `max_batch_size` items, and no batch starts
+  beside it until it returns (the slots act as one). With a full batch or more waiting, batches
+  take a slot's share of the items too (`max_batch_size / max_concurrent_batches`) and compute
+  side by side; while every slot computes, one more full share goes to the runtime at once and
+  waits in its queue, so that the first slot to return starts it without waiting for the loop
+  to answer and form the next batch (its requests' deadlines are checked as it goes, not again
+  when it starts). At low load a batch has every core, under load the slots compute side by
+  side, and the two kinds never mix (a batch on every core with another beside it would ask
   for more threads than there are cores);
 - when a run returns and a full batch waits, the full batch goes to the runtime before the
   returned results are handed out: the runtime computes it while the event loop answers. A
@@ -255,10 +259,12 @@ class Batcher:
         if not self._started or self._closed:
             return
         try:
-            while self._queue and self._computing < self.max_concurrent_batches:
+            while self._queue and (
+                self._computing < self.max_concurrent_batches or self._ready_ahead()
+            ):
                 if self._alone:  # none beside a batch on every core
                     return
-                if self._computing and self._queued_items < self.max_batch_size:
+                if self._computing and self._queued_items < self._full():
                     waited = self._clock() - self._queue[0].enqueued_at
                     if waited < self.max_queue_delay_s:
                         if self._timer is None:
@@ -286,11 +292,30 @@ class Batcher:
         self._timer = None
         self._dispatch(loop)
 
-    def _take(self) -> list[_Pending]:
+    def _full(self) -> int:
+        """The items of a full batch beside others: with `run_alone`, a slot's share of
+        `max_batch_size` (a batch on a share of the cores holds its share of the items)."""
+        if self._run_alone is None:
+            return self.max_batch_size
+        return max(1, self.max_batch_size // self.max_concurrent_batches)
+
+    def _ready_ahead(self) -> bool:
+        """True when a full batch for a slot's share may go to the runtime while every slot
+        computes (one at most): the first slot to return starts it at once, without waiting
+        for the event loop to answer its requests and form the next batch."""
+        return (
+            self._run_alone is not None
+            and not self._alone
+            and self._computing == self.max_concurrent_batches
+            and self._queued_items >= self._full()
+        )
+
+    def _take(self, limit: int) -> list[_Pending]:
+        """Up to `limit` items from the queue (a first request chunk larger than that whole)."""
         batch: list[_Pending] = []
         size = 0
         now = self._clock()
-        while self._queue and size + len(self._queue[0].items) <= self.max_batch_size:
+        while self._queue and (not batch or size + len(self._queue[0].items) <= limit):
             pending = self._queue.popleft()
             self._queued_items -= len(pending.items)
             if self._still_wanted(pending, now):
@@ -319,7 +344,11 @@ class Batcher:
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Computes the next batch on the loop (returns True) or hands it to the runner, where
         `_batch_returned` takes it from there."""
-        batch = self._take()
+        # With `run_alone`: what waits fits in a batch and none computes, so it runs alone on
+        # every core; else a batch on a share of the cores, a share of the items.
+        alone = self._run_alone is not None and not self._computing
+        alone = alone and self._queued_items < self.max_batch_size
+        batch = self._take(self.max_batch_size if alone else self._full())
         if not batch:
             return False
         started = self._clock()
@@ -330,10 +359,8 @@ class Batcher:
         if self._fits_loop(size):
             self._run_on_loop(batch, size, started)
             return True
-        run_batch = self._run_batch
-        if self._run_alone is not None and not self._computing:
-            self._alone = self._queued_items < self.max_batch_size  # no full batch behind it
-            run_batch = self._run_alone if self._alone else run_batch
+        self._alone = alone
+        run_batch = self._run_alone if alone and self._run_alone else self._run_batch
         self._computing += 1
         try:
             # The runtime's own future (its worker settles it): no task, no extra loop turn.

@@ -220,17 +220,37 @@ async def test_a_batch_alone_gets_every_core_and_none_starts_beside_it() -> None
     await batcher.close()
 
 
-async def test_with_a_full_batch_behind_it_batches_compute_side_by_side_on_a_share() -> None:
-    """A batch that leaves a full batch waiting takes its slot's share of the cores, and the
-    next starts beside it at once (the delay does not apply to a full batch)."""
+async def test_under_load_batches_of_a_share_compute_side_by_side_and_one_waits_ready() -> None:
+    """With a full batch or more waiting, batches take a slot's share of the items (and of the
+    cores) and compute side by side; while every slot computes, one more full share waits in
+    the runtime's queue, and no further one."""
     runtime = FakeRuntime(gated=True)
-    batcher = make(runtime, max_batch_size=2, max_concurrent_batches=2, run_alone=runtime.run_alone)
-    requests = [asyncio.create_task(batcher.infer(items(v))) for v in (1, 2, 3, 4)]
+    batcher = make(runtime, max_batch_size=4, max_concurrent_batches=2, run_alone=runtime.run_alone)
+    values = range(1, 9)
+    requests = [asyncio.create_task(batcher.infer(items(v))) for v in values]
     await settle()
-    assert (len(runtime.alone_batches), len(runtime.batches)) == (0, 2)  # both on a share
+    assert runtime.alone_batches == []
+    assert [len(b) for b in runtime.batches] == [2, 2, 2]  # two slots and one ready, 2 wait
     runtime.gate.set()
     results = await asyncio.wait_for(asyncio.gather(*requests), BOUND_S)
-    assert [r.tolist() for r in results] == [items(2 * v).tolist() for v in (1, 2, 3, 4)]
+    assert [r.tolist() for r in results] == [items(2 * v).tolist() for v in values]
+    # the last two, once nothing computes and less than a full batch waits: alone
+    assert ([len(b) for b in runtime.batches], [len(b) for b in runtime.alone_batches]) == (
+        [2, 2, 2],
+        [2],
+    )
+    await batcher.close()
+
+
+async def test_a_request_larger_than_a_share_goes_whole_into_a_batch_on_a_share() -> None:
+    runtime = FakeRuntime(gated=True)
+    batcher = make(runtime, max_batch_size=4, max_concurrent_batches=2, run_alone=runtime.run_alone)
+    requests = [asyncio.create_task(batcher.infer(items(v, n=4))) for v in (1, 2)]
+    await settle()
+    assert [len(b) for b in runtime.batches] == [4, 4]  # a share is 2 items: each whole
+    runtime.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*requests), BOUND_S)
+    assert [r.tolist() for r in results] == [items(2, n=4).tolist(), items(4, n=4).tolist()]
     await batcher.close()
 
 
@@ -387,8 +407,8 @@ async def test_a_deadline_passing_between_batching_and_compute_is_honoured() -> 
     batcher = make(runtime, clock=clock)
     original = batcher._take
 
-    def take_then_expire() -> list:  # type: ignore[type-arg]
-        batch = original()
+    def take_then_expire(limit: int) -> list:  # type: ignore[type-arg]
+        batch = original(limit)
         clock.now += 1.0  # time passes before the batch task runs
         return batch
 
