@@ -272,9 +272,8 @@ class OnnxModel:
             or (threads, os.cpu_count()) == (0, 1)
         ):
             return False
-        feeds = self._feeds(self._random_images(1))
         try:
-            shared_s = min(_timed(self._session.run, self._output_names, feeds) for _ in range(3))
+            shared_s = self._batch_of_one_s()
             if shared_s > max_s:
                 return False
             slot = self._slot_session
@@ -288,7 +287,7 @@ class OnnxModel:
                 )
             for size in batch_sizes:
                 session.run(self._output_names, self._feeds(self._random_images(size)))
-            one_s = min(_timed(session.run, self._output_names, feeds) for _ in range(3))
+            one_s = self._batch_of_one_s(session)
         except Exception as error:  # an optimisation only: the model serves without it
             logger.warning(
                 "model %s version %s: no single-threaded session for runs on the event loop "
